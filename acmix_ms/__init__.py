@@ -1,0 +1,17 @@
+"""acmix_ms: the ACmix operator library for MindSpore (Pan et al., CVPR 2022).
+
+Cells: ``ShiftConv`` (shift-and-sum, four implementations), ``ACmixLocal`` (sliding window, ResNet),
+``ACmixWindow`` (shifted windows, Swin), ``ACmixGlobal`` (spatial-reduction global, PVT),
+``ACmixPatchwise`` (patchwise, SAN). Per-stage costs of Table 1: ``acmix_ms.cost``.
+"""
+from .shift import ShiftConv, SHIFT_IMPLS, shift_kernels
+from .base import ACmixBase, RATE_MODES
+from .local import ACmixLocal
+from .window import ACmixWindow
+from .global_attention import ACmixGlobal
+from .patchwise import ACmixPatchwise
+from .cost import stage_costs
+
+__all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES", "ACmixLocal", "ACmixWindow",
+           "ACmixGlobal", "ACmixPatchwise", "stage_costs"]
+__version__ = "0.1.0"

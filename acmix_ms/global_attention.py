@@ -1,0 +1,111 @@
+"""ACmix with global attention and spatial reduction, as in PVT v1 (Eq. 20).
+
+Attention: every token attends to all tokens, keys and values taken from the map reduced by an
+R x R / R convolution + LayerNorm (R = ``sr_ratio``). Conv path (no official code; proposal "P2" of
+docs/): q is full resolution; the reduced k and v are nearest-upsampled back to H x W, so the conv path
+adds only the light fc and the group conv. Prefix tokens (PVT's cls token) receive only
+``rate1 * attention``.
+"""
+from mindspore import nn, ops
+
+from .base import ACmixBase
+from .validation import check_divisible, check_positive_int
+
+
+class ACmixGlobal(ACmixBase):
+    """ACmix over the whole map with spatial-reduction attention (PVT-ACmix).
+
+    Args:
+        dim: C. num_heads: N (d = C / N). sr_ratio: R (1 = no reduction).
+        num_prefix_tokens: tokens before the H*W patch tokens (PVT's cls token in the last stage).
+        qkv_bias, attn_drop, proj_drop, kernel_conv, fc_bias, shift_impl, rate_mode, rates: as ``ACmixWindow``.
+
+    Inputs: x (B, P + H*W, C), H, W. Outputs: (B, P + H*W, C).
+    """
+
+    def __init__(self, dim, num_heads, sr_ratio=1, kernel_conv=3, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 num_prefix_tokens=0, fc_bias=True, shift_impl="learnable", rate_mode="learnable",
+                 rates=(0.5, 0.5), norm_eps=1e-6):
+        check_positive_int("dim", dim)
+        check_positive_int("num_heads", num_heads)
+        head_dim = check_divisible("dim", dim, "num_heads", num_heads)
+        super().__init__(3 * num_heads, head_dim, dim, kernel_conv, 1, shift_impl, rate_mode, rates, fc_bias)
+        check_positive_int("sr_ratio", sr_ratio)
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if num_prefix_tokens > 0 and sr_ratio > 1:
+            raise ValueError("prefix (cls) tokens cannot be combined with sr_ratio > 1: the reduction "
+                             "convolution needs a pure H x W token map (PVT uses sr_ratio=1 where it has a cls token)")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.sr_ratio = sr_ratio
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = head_dim ** -0.5
+        self.q = nn.Dense(dim, dim, has_bias=qkv_bias)
+        self.kv = nn.Dense(dim, 2 * dim, has_bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, pad_mode="valid", has_bias=True)
+            self.norm = nn.LayerNorm((dim,), epsilon=norm_eps)
+        if self.has_attention:
+            self.proj = nn.Dense(dim, dim)
+            self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
+        self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def construct(self, x, height, width):
+        if x.ndim != 3:
+            raise ValueError(f"ACmixGlobal expects a 3-D (B, L, C) input, got {x.ndim}-D")
+        batch, length, _ = x.shape
+        if length != self.num_prefix_tokens + height * width:
+            raise ValueError(f"ACmixGlobal got {length} tokens, expected num_prefix_tokens + H*W = "
+                             f"{self.num_prefix_tokens} + {height}*{width}")
+        query = self.q(x)  # (B, L, C)
+        key_value = self.kv(self._reduce(x, batch, height, width))  # (B, L', 2C)
+        if self.rate_mode == "conv":
+            return self.proj_drop(self._conv(query, key_value, batch, height, width))
+        att = self._attention(query, key_value, batch, length)
+        if self.rate_mode == "attention":
+            return self.proj_drop(att)
+        return self.proj_drop(self.mix(att, self._conv(query, key_value, batch, height, width)))
+
+    def _reduce(self, x, batch, height, width):
+        """Tokens for keys/values: (B, L', C), L' = (H/R)(W/R) after reduction, else all L tokens."""
+        if self.sr_ratio == 1:
+            return x
+        grid = x.transpose(0, 2, 1).reshape(batch, self.dim, height, width)
+        reduced = self.sr(grid)
+        return self.norm(reduced.reshape(batch, self.dim, -1).transpose(0, 2, 1))
+
+    def _attention(self, query, key_value, batch, length):
+        query = query.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3) * self.scale
+        key_value = key_value.reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        logits = ops.matmul(query, key_value[0].swapaxes(-2, -1))  # (B, N, L, L')
+        weights = self.attn_drop(ops.softmax(logits, -1))
+        out = ops.matmul(weights, key_value[1]).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+        return self.proj(out)
+
+    def _conv(self, query, key_value, batch, height, width):
+        """Conv path on the H*W patch tokens -> (B, L, C); prefix tokens get zeros."""
+        prefix = self.num_prefix_tokens
+        patch_query = query[:, prefix:]
+        patch_kv = key_value[:, prefix:]
+        if self.sr_ratio > 1:
+            reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
+            grid = patch_kv.transpose(0, 2, 1).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
+            grid = ops.interpolate(grid, size=(height, width), mode="nearest")
+            patch_kv = grid.reshape(batch, 2 * self.dim, height * width).transpose(0, 2, 1)
+        qkv = ops.concat((patch_query, patch_kv), -1)  # (B, HW, 3C): layout t*C + n*d + j
+        groups = qkv.reshape(batch, height * width, 3 * self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+        out = self.conv_path(groups, height, width)  # (B, C, H, W)
+        out = out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
+        if prefix > 0:
+            out = ops.concat((ops.zeros((batch, prefix, self.dim), out.dtype), out), 1)
+        return out
+
+    def aggregation_macs(self, height, width):
+        """MACs of q.k and A.v at an H x W token map."""
+        if not self.has_attention:
+            return 0
+        tokens = self.num_prefix_tokens + height * width
+        keys = tokens if self.sr_ratio == 1 else (height // self.sr_ratio) * (width // self.sr_ratio)
+        return 2 * tokens * keys * self.dim

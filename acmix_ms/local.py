@@ -1,0 +1,114 @@
+"""ACmix with sliding-window (SASA) attention, as in the official ResNet-ACmix.
+
+Attention: every output pixel attends to its k_att x k_att neighbourhood of the reflection-padded
+keys/values, with the official learned relative positional term.
+
+The official logits are ``q . (k_nb + pe_centre - pe_nb)``. ``q . pe_centre`` is the same for all
+neighbours of a pixel, so softmax cancels it; we compute ``q . (k - pe)_nb`` from one padded map.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from .base import ACmixBase
+from .spatial import check_reflect_pad, neighbourhood_slices, out_size
+from .validation import check_divisible, check_odd, check_positive_int
+
+LOCAL_ATTENTION_IMPLS = ("unfold",)
+
+
+class ACmixLocal(ACmixBase):
+    """ACmix over sliding local windows (ResNet-ACmix's replacement of the 3x3 conv).
+
+    Args:
+        in_channels: Cin.
+        out_channels: C (= N * d).
+        kernel_att: k_att (odd), the attention window.
+        num_heads: N.
+        kernel_conv: k_c (odd).
+        stride: 1 or more (both paths); the output is ceil(H/stride) x ceil(W/stride).
+        dilation: spacing of the attention neighbours.
+        qkv_bias: bias of the fused q/k/v 1x1 projection (official: True).
+        fc_bias: bias of the conv-path fc (official ResNet: False).
+        shift_impl, rate_mode, rates: see ``ACmixBase``.
+
+    Inputs: (B, Cin, H, W). Outputs: (B, C, ceil(H/s), ceil(W/s)).
+    Channel o of the attention output is head o // d, channel o % d; of the conv output, group
+    o // N (official layout, kept so the official weights load).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_att=7, num_heads=4, kernel_conv=3, stride=1,
+                 dilation=1, qkv_bias=True, fc_bias=False, shift_impl="learnable", rate_mode="learnable",
+                 rates=(0.5, 0.5), attention_impl="unfold"):
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("num_heads", num_heads)
+        head_dim = check_divisible("out_channels", out_channels, "num_heads", num_heads)
+        super().__init__(3 * num_heads, head_dim, out_channels, kernel_conv, stride, shift_impl, rate_mode,
+                         rates, fc_bias)
+        check_odd("kernel_att", kernel_att)
+        check_positive_int("dilation", dilation)
+        if attention_impl not in LOCAL_ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r} is not supported; allowed values: "
+                             f"{', '.join(map(repr, LOCAL_ATTENTION_IMPLS))}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.kernel_att = kernel_att
+        self.stride = stride
+        self.dilation = dilation
+        self.att_pad = dilation * (kernel_att - 1) // 2
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, has_bias=qkv_bias)
+        if self.has_attention:
+            self.conv_p = nn.Conv2d(2, head_dim, 1, has_bias=True)
+
+    def construct(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"ACmixLocal expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
+        batch, _, height, width = x.shape
+        qkv = self.qkv(x)
+        if self.rate_mode == "conv":
+            return self._conv(qkv, batch, height, width)
+        att = self._attention(qkv, batch, height, width)
+        if self.rate_mode == "attention":
+            return att
+        return self.mix(att, self._conv(qkv, batch, height, width))
+
+    def _conv(self, qkv, batch, height, width):
+        return self.conv_path(qkv.reshape(batch, 3 * self.num_heads, self.head_dim, height * width),
+                              height, width)
+
+    def _positional(self, height, width, dtype):
+        """conv_p applied to the normalised (x, y) grid: (1, d, H, W)."""
+        xs = ops.linspace(-1.0, 1.0, width).reshape(1, 1, 1, width)
+        ys = ops.linspace(-1.0, 1.0, height).reshape(1, 1, height, 1)
+        grid = ops.concat((ops.broadcast_to(xs, (1, 1, height, width)),
+                           ops.broadcast_to(ys, (1, 1, height, width))), 1)
+        return self.conv_p(ops.cast(grid, dtype))
+
+    def _attention(self, qkv, batch, height, width):
+        check_reflect_pad("height", height, self.att_pad)
+        check_reflect_pad("width", width, self.att_pad)
+        c, bn, d = self.out_channels, batch * self.num_heads, self.head_dim
+        h_out, w_out = out_size(height, self.stride), out_size(width, self.stride)
+        query = qkv[:, :c].reshape(bn, d, height, width) * self.scale
+        query = query[:, :, ::self.stride, ::self.stride]
+        key = qkv[:, c:2 * c].reshape(bn, d, height, width) - self._positional(height, width, qkv.dtype)
+        value = qkv[:, 2 * c:].reshape(bn, d, height, width)
+        pad = (self.att_pad,) * 4
+        keys = neighbourhood_slices(ops.pad(key, pad, mode="reflect"), self.kernel_att, h_out, w_out,
+                                    self.stride, self.dilation)
+        values = neighbourhood_slices(ops.pad(value, pad, mode="reflect"), self.kernel_att, h_out, w_out,
+                                      self.stride, self.dilation)
+        keys = ops.stack(keys, 2)  # (BN, d, k*k, H', W')
+        logits = (query.expand_dims(2) * keys).sum(1)  # (BN, k*k, H', W')
+        weights = ops.softmax(logits, 1)
+        out = (weights.expand_dims(1) * ops.stack(values, 2)).sum(2)  # (BN, d, H', W')
+        return out.reshape(batch, c, h_out, w_out)
+
+    def aggregation_macs(self, height, width):
+        """Multiply-accumulates of the parameter-free products (q.k and A.v) at input size H x W."""
+        if not self.has_attention:
+            return 0
+        pixels = out_size(height, self.stride) * out_size(width, self.stride)
+        return 2 * self.kernel_att ** 2 * self.out_channels * pixels
