@@ -10,10 +10,9 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .base import ACmixBase
-from .spatial import check_reflect_pad, neighbourhood_slices, out_size
-from .validation import check_divisible, check_odd, check_positive_int
-
-LOCAL_ATTENTION_IMPLS = ("unfold",)
+from .local_attention import LOCAL_ATTENTION_IMPLS
+from .spatial import check_reflect_pad, out_size
+from .validation import check_choice, check_divisible, check_odd, check_positive_int
 
 
 class ACmixLocal(ACmixBase):
@@ -30,6 +29,8 @@ class ACmixLocal(ACmixBase):
         qkv_bias: bias of the fused q/k/v 1x1 projection (official: True).
         fc_bias: bias of the conv-path fc (official ResNet: False).
         shift_impl, rate_mode, rates: see ``ACmixBase``.
+        attention_impl: ``'unfold'`` (stack the k*k neighbours) or ``'lean'`` (offset by offset with a
+            hand-written backward); see ``acmix_ms.local_attention``.
 
     Inputs: (B, Cin, H, W). Outputs: (B, C, ceil(H/s), ceil(W/s)).
     Channel o of the attention output is head o // d, channel o % d; of the conv output, group
@@ -46,9 +47,7 @@ class ACmixLocal(ACmixBase):
                          rates, fc_bias)
         check_odd("kernel_att", kernel_att)
         check_positive_int("dilation", dilation)
-        if attention_impl not in LOCAL_ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={attention_impl!r} is not supported; allowed values: "
-                             f"{', '.join(map(repr, LOCAL_ATTENTION_IMPLS))}")
+        check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_heads = num_heads
@@ -61,6 +60,7 @@ class ACmixLocal(ACmixBase):
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, has_bias=qkv_bias)
         if self.has_attention:
             self.conv_p = nn.Conv2d(2, head_dim, 1, has_bias=True)
+            self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](kernel_att, stride, dilation)
 
     def construct(self, x):
         if x.ndim != 4:
@@ -96,14 +96,7 @@ class ACmixLocal(ACmixBase):
         key = qkv[:, c:2 * c].reshape(bn, d, height, width) - self._positional(height, width, qkv.dtype)
         value = qkv[:, 2 * c:].reshape(bn, d, height, width)
         pad = (self.att_pad,) * 4
-        keys = neighbourhood_slices(ops.pad(key, pad, mode="reflect"), self.kernel_att, h_out, w_out,
-                                    self.stride, self.dilation)
-        values = neighbourhood_slices(ops.pad(value, pad, mode="reflect"), self.kernel_att, h_out, w_out,
-                                      self.stride, self.dilation)
-        keys = ops.stack(keys, 2)  # (BN, d, k*k, H', W')
-        logits = (query.expand_dims(2) * keys).sum(1)  # (BN, k*k, H', W')
-        weights = ops.softmax(logits, 1)
-        out = (weights.expand_dims(1) * ops.stack(values, 2)).sum(2)  # (BN, d, H', W')
+        out = self.aggregate(query, ops.pad(key, pad, mode="reflect"), ops.pad(value, pad, mode="reflect"))
         return out.reshape(batch, c, h_out, w_out)
 
     def aggregation_macs(self, height, width):

@@ -24,11 +24,12 @@ def relative_error(ours, reference):
     return float(np.abs(ours - reference).max() / (np.abs(reference).max() + 1e-12))
 
 
-@pytest.mark.parametrize("stride,size", [(1, 9), (2, 12)])
-def test_local_layer_matches_official(stride, size):
+@pytest.mark.parametrize("stride,size,impl", [(1, 9, "unfold"), (2, 12, "unfold"), (2, 12, "lean")])
+def test_local_layer_matches_official(stride, size, impl):
     torch.manual_seed(0)
     official = randomize_(OfficialACmixLocal(8, 16, kernel_att=5, head=4, kernel_conv=3, stride=stride), seed=1)
-    ours = ACmixLocal(8, 16, kernel_att=5, num_heads=4, kernel_conv=3, stride=stride, fc_bias=False)
+    ours = ACmixLocal(8, 16, kernel_att=5, num_heads=4, kernel_conv=3, stride=stride, fc_bias=False,
+                      attention_impl=impl)
     converted = load_into(ours, official)
     assert set(converted) == set(model_parameter_shapes(ours))
     x = np.random.RandomState(2).randn(2, 8, size, size).astype(np.float32)
