@@ -51,7 +51,7 @@ class ShiftConv(nn.Cell):
     def __init__(self, head_dim, kernel_size, out_channels, impl="learnable", stride=1):
         super().__init__()
         check_positive_int("head_dim", head_dim)
-        check_odd("kernel_conv", kernel_size)
+        check_odd("kernel_size", kernel_size)
         check_positive_int("stride", stride)
         self.impl = check_choice("shift_impl", impl, SHIFT_IMPLS)
         self.repeats = check_divisible("out_channels", out_channels, "head_dim", head_dim)
@@ -72,6 +72,8 @@ class ShiftConv(nn.Cell):
         self.weight = Parameter(init, name="weight", requires_grad=impl != "fixed")
 
     def construct(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"ShiftConv expects a 4-D (B, d*k*k, H, W) input, got {x.ndim}-D")
         if self.impl == "tensor":
             return self._tensor_shift(x)
         weight = ops.cast(self.weight, x.dtype)
