@@ -22,7 +22,7 @@ class ConversionError(ValueError):
 
 def model_parameter_shapes(model):
     """{parameter name: shape} of a MindSpore Cell (trainable and not)."""
-    return {param.name: tuple(param.shape) for param in model.get_parameters()}
+    return {name: tuple(param.shape) for name, param in model.parameters_and_names()}
 
 
 def _fuse_qkv(source, target_shapes):

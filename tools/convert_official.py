@@ -10,13 +10,13 @@ classifier out so the model can be fine-tuned on another dataset. Needs the ``co
 import argparse
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mindspore as ms  # noqa: E402
 
 import models  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
 from models.convert import (ConversionError, convert_state_dict, load_torch_state_dict,  # noqa: E402
                             model_parameter_shapes)
 
@@ -42,19 +42,11 @@ def convert(model_name, src, dst, num_classes=None, model_kwargs=None):
     if classes != source_classes:
         drop = (classifier_prefix(model),)
     converted = convert_state_dict(state, model_parameter_shapes(model), drop_prefixes=drop)
-    params = {p.name: p for p in model.get_parameters()}
+    params = dict(model.parameters_and_names())
     for name, value in converted.items():
         params[name].set_data(ms.Tensor(value))
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".ckpt", dir=directory)
-    os.close(fd)
-    try:
-        ms.save_checkpoint(model, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_checkpoint(dst, params.items(), meta={"model": model_name, "num_classes": classes,
+                                               "converted_from": os.path.basename(src)})
     return model, sorted(converted), drop
 
 
