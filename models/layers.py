@@ -1,0 +1,139 @@
+"""Layers and helpers shared by the transformer families (Swin, PVT).
+
+- ``DropPath``: stochastic depth (drops whole residual branches per sample while training).
+- ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
+- ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
+- ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
+- ``build_model``: calls a model class with its registered defaults plus user overrides, rejecting
+  unknown overrides with a message that lists the valid ones.
+- ``to_2tuple``, ``check_stage_lists``, ``check_out_indices``: argument normalisation and checks.
+"""
+import inspect
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
+
+
+def to_2tuple(value, name="value"):
+    """``7 -> (7, 7)``; a pair is returned as a tuple of two ints."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def drop_path_rates(drop_path_rate, num_blocks):
+    """Per-block stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` (Swin/PVT/DeiT rule)."""
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: while training, zero the whole input of a sample with probability ``drop_prob``
+    and scale the kept samples by 1 / (1 - drop_prob); the identity in inference.
+
+    Inputs: (B, ...) any rank. Outputs: same shape.
+    """
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = float(drop_prob)
+        self.keep_prob = 1.0 - self.drop_prob
+
+    def construct(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        # floor(keep + U[0,1)) is 1 with probability keep, else 0: one Bernoulli draw per sample
+        keep = ops.floor(self.keep_prob + ops.rand(mask_shape, dtype=x.dtype))
+        return x * keep / self.keep_prob
+
+    def extend_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Cell):
+    """Transformer feed-forward block: Dense(C -> hidden) -> GELU (exact, as torch) -> Dropout ->
+    Dense(hidden -> C_out) -> Dropout. Attribute names ``fc1``/``fc2`` follow the official checkpoints.
+
+    Inputs: (..., C). Outputs: (..., C_out).
+    """
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, drop=0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Dense(in_features, hidden_features)
+        self.act = nn.GELU(approximate=False)
+        self.fc2 = nn.Dense(hidden_features, out_features)
+        self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
+
+    def construct(self, x):
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+def trunc_normal_(parameter, std=0.02):
+    """Fill ``parameter`` in place with N(0, std^2) truncated to [-2, 2] (timm's ``trunc_normal_``)."""
+    parameter.set_data(initializer(TruncatedNormal(sigma=std), parameter.shape, parameter.dtype))
+
+
+def init_transformer_weights(network, std=0.02):
+    """The initialisation of Swin and PVT (timm ``_init_weights``): every ``nn.Dense`` weight from a
+    truncated normal with ``std``, its bias zero; every ``nn.LayerNorm`` gamma 1, beta 0.
+
+    Convolutions (patch embedding, PVT's spatial reduction, ACmix's fc and shift conv) keep their own
+    initialisation, as in the official code (its ``_init_weights`` only touches Linear and LayerNorm).
+    """
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, nn.Dense):
+            trunc_normal_(cell.weight, std)
+            if cell.bias is not None:
+                cell.bias.set_data(initializer(Zero(), cell.bias.shape, cell.bias.dtype))
+        elif isinstance(cell, nn.LayerNorm):
+            cell.gamma.set_data(initializer(One(), cell.gamma.shape, cell.gamma.dtype))
+            cell.beta.set_data(initializer(Zero(), cell.beta.shape, cell.beta.dtype))
+
+
+def check_stage_lists(num_stages, **lists):
+    """Each keyword must be a sequence of length ``num_stages``; returns them as tuples in order."""
+    out = []
+    for name, values in lists.items():
+        if not isinstance(values, (tuple, list)) or len(values) != num_stages:
+            raise ValueError(f"{name} must be a list of {num_stages} values (one per stage), got {values!r}")
+        out.append(tuple(values))
+    return out
+
+
+def check_out_indices(out_indices, num_stages):
+    """None, or a non-empty tuple of distinct stage indices in [0, num_stages), in increasing order."""
+    if out_indices is None:
+        return None
+    indices = tuple(out_indices)
+    valid = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_stages for i in indices)
+    if not indices or not valid or list(indices) != sorted(set(indices)):
+        raise ValueError(f"out_indices must be increasing distinct stage indices in [0, {num_stages}), "
+                         f"got {out_indices!r}")
+    return indices
+
+
+def build_model(model_class, defaults, overrides):
+    """``model_class(**defaults, **overrides)``, raising ``TypeError`` that names any override the class
+    does not accept (and lists those it does) instead of Python's terser message."""
+    accepted = [name for name in inspect.signature(model_class.__init__).parameters if name != "self"]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise TypeError(f"{model_class.__name__} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                        f"valid options: {', '.join(accepted)}")
+    return model_class(**{**defaults, **overrides})
+
+
+def layer_norm(dim, eps):
+    """LayerNorm over the last axis with torch's eps (MindSpore's default eps is 1e-7)."""
+    return nn.LayerNorm((dim,), epsilon=eps, dtype=ms.float32)
