@@ -6,7 +6,6 @@ keys/values, with the official learned relative positional term.
 The official logits are ``q . (k_nb + pe_centre - pe_nb)``. ``q . pe_centre`` is the same for all
 neighbours of a pixel, so softmax cancels it; we compute ``q . (k - pe)_nb`` from one padded map.
 """
-import mindspore as ms
 from mindspore import nn, ops
 
 from .base import ACmixBase

@@ -11,7 +11,7 @@ from mindspore import nn
 
 import models
 from models.profile import count_params
-from test_models_resnet import Consistency, Features, random_images
+from model_helpers import Consistency, Features, random_images
 from test_models_swin import check_transformer_train_step
 
 PVT_MODELS = ("pvt_tiny", "pvt_small", "pvt_tiny_acmix", "pvt_small_acmix")

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import nn, Tensor
+from mindspore import nn
 
 import acmix_ms
 import models
 from models.profile import count_params
 from models.resnet import ResNet
+
+from model_helpers import Consistency, Features, check_train_step, random_images
 
 BASELINES = ("resnet26", "resnet38", "resnet50")
 ACMIX = ("resnet26_acmix", "resnet38_acmix", "resnet50_acmix")
@@ -32,71 +34,6 @@ OFFICIAL_KEYS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "r
 @pytest.fixture(scope="module", autouse=True)
 def graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def random_images(batch, channels, size, seed=0):
-    return Tensor(np.random.default_rng(seed).standard_normal((batch, channels, size, size)).astype(np.float32))
-
-
-def train_step(net, images, labels):
-    """One SGD step in graph mode. Returns (loss, logits) as NumPy arrays."""
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = nn.SGD(net.trainable_params(), learning_rate=0.1)
-
-    def loss_and_logits(x, y):
-        logits = net(x)
-        return loss_fn(logits, y), logits
-
-    grad_fn = ms.value_and_grad(loss_and_logits, None, optimizer.parameters, has_aux=True)
-
-    @ms.jit
-    def step(x, y):
-        (loss, logits), grads = grad_fn(x, y)
-        optimizer(grads)
-        return loss, logits
-
-    net.set_train(True)
-    loss, logits = step(images, labels)
-    net.set_train(False)
-    return loss.asnumpy(), logits.asnumpy()
-
-
-def check_train_step(net, images, num_classes):
-    """Logits shape, finite loss, and every trainable parameter reached by a gradient (changed by SGD)."""
-    before = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
-    labels = Tensor(np.arange(images.shape[0], dtype=np.int32) % num_classes)
-    loss, logits = train_step(net, images, labels)
-    assert logits.shape == (images.shape[0], num_classes)
-    assert np.isfinite(loss) and np.all(np.isfinite(logits))
-    # conv_p.bias adds the same constant to every neighbour's positional term; softmax cancels it,
-    # so its gradient is zero (as in the official ResNet-ACmix).
-    unchanged = [name for name, value in before.items() if not name.endswith("conv_p.bias")
-                 and np.array_equal(value, net.parameters_dict()[name].asnumpy())]
-    assert not unchanged, f"parameters without gradient: {unchanged[:10]}"
-
-
-class Consistency(nn.Cell):
-    """Graph of construct(x), forward_head(forward_features(x)) and forward_features(x) of one network."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, x):
-        features = self.net.forward_features(x)
-        return self.net(x), self.net.forward_head(features), features
-
-
-class Features(nn.Cell):
-    """Graph of (construct(x), forward_features(x)) for a network built with out_indices."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, x):
-        return self.net(x), self.net.forward_features(x)
 
 
 def conv2_cells(net):

@@ -13,7 +13,7 @@ import mindspore as ms
 import acmix_ms
 import models
 from models.profile import count_params
-from test_models_resnet import Consistency, Features, check_train_step, random_images
+from model_helpers import Consistency, Features, check_train_step, random_images
 
 BASELINES = ("san10", "san15", "san19")
 ACMIX = ("san10_acmix", "san15_acmix", "san19_acmix")

@@ -15,7 +15,7 @@ import models
 from models import swin
 from models.layers import DropPath
 from models.profile import count_params
-from test_models_resnet import Consistency, Features, random_images, train_step
+from model_helpers import Consistency, Features, check_train_step, random_images
 
 SWIN_MODELS = ("swin_tiny", "swin_small", "swin_tiny_acmix", "swin_small_acmix", "swin_tiny_conv")
 # Parameters of the official PyTorch models (docs/reference Fig. 4 table), millions.
@@ -233,21 +233,8 @@ def test_drop_path_is_active_only_in_training():
 
 # ---------------------------------------------------------------------------- graphs (narrow)
 def check_transformer_train_step(net, images, num_classes, dead=()):
-    """One SGD step in graph mode: logits shape, finite loss, and every trainable parameter changed,
-    except the names in ``dead`` (which must stay unchanged) and the ACmix ``fc.bias`` (either).
-
-    ``fc.bias`` adds one constant per kernel position to every channel; while the group conv holds the
-    shift kernels (its initialisation) every output channel sums the same taps, and the LayerNorms
-    that read the residual stream make the gradient summed over channels zero, so this bias's gradient
-    is zero up to rounding at initialisation.
-    """
-    before = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
-    labels = Tensor(np.arange(images.shape[0], dtype=np.int32) % num_classes)
-    loss, logits = train_step(net, images, labels)
-    assert logits.shape == (images.shape[0], num_classes) and np.isfinite(loss) and np.all(np.isfinite(logits))
-    unchanged = {name for name, value in before.items() if not name.endswith("attn.fc.bias")
-                 and np.array_equal(value, net.parameters_dict()[name].asnumpy())}
-    assert unchanged == set(dead)
+    """``check_train_step`` with the ACmix ``attn.fc.bias`` exempt (see its docstring)."""
+    check_train_step(net, images, num_classes, exempt_suffixes=("attn.fc.bias",), dead=dead)
 
 
 TRAIN_CASES = ("swin_tiny", "swin_tiny_acmix", "swin_tiny_conv")
