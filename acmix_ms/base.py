@@ -62,6 +62,19 @@ class ACmixBase(nn.Cell):
         maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
         return self.dep_conv(maps)
 
+    def combine(self, projected, batch, height, width):
+        """Run the paths the rate mode asks for on the Stage-I output and mix them.
+
+        Subclasses that use it define ``attention_path`` and ``conv_path_of`` with the signature
+        ``(projected, batch, height, width)``.
+        """
+        if self.rate_mode == "conv":
+            return self.conv_path_of(projected, batch, height, width)
+        att = self.attention_path(projected, batch, height, width)
+        if self.rate_mode == "attention":
+            return att
+        return self.mix(att, self.conv_path_of(projected, batch, height, width))
+
     def mix(self, attention_out, conv_out):
         """rate1 * F_att + rate2 * F_conv (for 'learnable' and 'fixed')."""
         if self.rate_mode == "learnable":

@@ -65,15 +65,9 @@ class ACmixLocal(ACmixBase):
         if x.ndim != 4:
             raise ValueError(f"ACmixLocal expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape
-        qkv = self.qkv(x)
-        if self.rate_mode == "conv":
-            return self._conv(qkv, batch, height, width)
-        att = self._attention(qkv, batch, height, width)
-        if self.rate_mode == "attention":
-            return att
-        return self.mix(att, self._conv(qkv, batch, height, width))
+        return self.combine(self.qkv(x), batch, height, width)
 
-    def _conv(self, qkv, batch, height, width):
+    def conv_path_of(self, qkv, batch, height, width):
         return self.conv_path(qkv.reshape(batch, 3 * self.num_heads, self.head_dim, height * width),
                               height, width)
 
@@ -85,7 +79,7 @@ class ACmixLocal(ACmixBase):
                            ops.broadcast_to(ys, (1, 1, height, width))), 1)
         return self.conv_p(ops.cast(grid, dtype))
 
-    def _attention(self, qkv, batch, height, width):
+    def attention_path(self, qkv, batch, height, width):
         check_reflect_pad("height", height, self.att_pad)
         check_reflect_pad("width", width, self.att_pad)
         c, bn, d = self.out_channels, batch * self.num_heads, self.head_dim

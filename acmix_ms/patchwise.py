@@ -54,19 +54,13 @@ class ACmixPatchwise(ACmixBase):
         if x.ndim != 4:
             raise ValueError(f"ACmixPatchwise expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape
-        qkv = self.qkv(x)
-        if self.rate_mode == "conv":
-            return self._conv(qkv, batch, height, width)
-        att = self._attention(qkv, batch, height, width)
-        if self.rate_mode == "attention":
-            return att
-        return self.mix(att, self._conv(qkv, batch, height, width))
+        return self.combine(self.qkv(x), batch, height, width)
 
-    def _conv(self, qkv, batch, height, width):
+    def conv_path_of(self, qkv, batch, height, width):
         groups = qkv.reshape(batch, -1, self.rel_channels, height * width)  # q | k | v groups, width rel
         return self.conv_path(groups, height, width)
 
-    def _attention(self, qkv, batch, height, width):
+    def attention_path(self, qkv, batch, height, width):
         check_reflect_pad("height", height, self.att_pad)
         check_reflect_pad("width", width, self.att_pad)
         rel, k2 = self.rel_channels, self.kernel_att * self.kernel_att

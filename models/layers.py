@@ -32,6 +32,40 @@ def drop_path_rates(drop_path_rate, num_blocks):
     return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
+def check_num_classes(num_classes):
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
+    return num_classes
+
+
+class StagedBackbone(nn.Cell):
+    """Base of convolutional backbones (ResNet, SAN): subclasses compute their stage maps in ``_stages(x)``
+    and set ``fc`` and ``out_indices``; this class gives the shared model API.
+
+    ``forward_features``: (B, in_chans, H, W) -> last stage map (B, num_features, h, w).
+    ``forward_head``: (B, num_features, h, w) -> (B, num_classes) logits ((B, num_features) if fc is Identity).
+    ``construct``: logits, or with ``out_indices`` the tuple of the selected stage maps.
+    """
+
+    def _stages(self, x):
+        raise NotImplementedError
+
+    def forward_features(self, x):
+        return self._stages(x)[-1]
+
+    def forward_head(self, x):
+        return self.fc(x.mean(axis=(2, 3)))
+
+    def construct(self, x):
+        if self.out_indices is None:
+            return self.forward_head(self.forward_features(x))
+        stages = self._stages(x)
+        selected = ()
+        for index in self.out_indices:
+            selected = selected + (stages[index],)
+        return selected
+
+
 class DropPath(nn.Cell):
     """Stochastic depth: while training, zero the whole input of a sample with probability ``drop_prob``
     and scale the kept samples by 1 / (1 - drop_prob); the identity in inference.

@@ -25,7 +25,7 @@ from acmix_ms import ACmixLocal, ShiftConv
 from acmix_ms.spatial import out_size
 from acmix_ms.validation import check_choice, check_positive_int
 
-from .layers import DropPath, check_out_indices, drop_path_rates
+from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
 from .registry import register_model
 
 __all__ = ["ResNet", "Bottleneck"]
@@ -87,7 +87,7 @@ class Bottleneck(nn.Cell):
         return self.relu(self.drop_path(out) + shortcut)
 
 
-class ResNet(nn.Cell):
+class ResNet(StagedBackbone):
     """ResNet V1.5 with Bottleneck blocks; ResNet-ACmix when ``acmix`` is given.
 
     Args:
@@ -189,29 +189,6 @@ class ResNet(nn.Cell):
         x3 = self.layer3(x2)
         x4 = self.layer4(x3)
         return x1, x2, x3, x4
-
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> last stage map (B, num_features, H/r, W/r), r = feature_info[-1]['reduction']."""
-        return self._stages(x)[-1]
-
-    def forward_head(self, x):
-        """(B, num_features, h, w) -> (B, num_classes) logits, or (B, num_features) if num_classes == 0."""
-        return self.fc(x.mean(axis=(2, 3)))
-
-    def construct(self, x):
-        if self.out_indices is None:
-            return self.forward_head(self.forward_features(x))
-        stages = self._stages(x)
-        selected = ()
-        for index in self.out_indices:
-            selected = selected + (stages[index],)
-        return selected
-
-
-def check_num_classes(num_classes):
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
-    return num_classes
 
 
 def _min_input_size(layers, stem, acmix):

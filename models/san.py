@@ -29,8 +29,7 @@ from acmix_ms import ACmixPatchwise
 from acmix_ms.validation import check_positive_int
 
 from .registry import register_model
-from .layers import DropPath, check_out_indices, drop_path_rates
-from .resnet import check_num_classes
+from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
 
 __all__ = ["SAN", "SANBottleneck"]
 
@@ -74,7 +73,7 @@ class SANBottleneck(nn.Cell):
         return x + self.drop_path(self.conv(out))
 
 
-class SAN(nn.Cell):
+class SAN(StagedBackbone):
     """SAN with patchwise attention; SAN-ACmix when ``sam_options`` enables the conv path.
 
     Args:
@@ -158,23 +157,6 @@ class SAN(nn.Cell):
         x3 = self.relu(self.bn3(self.layer3(self.conv3(self.pool(x2)))))
         x4 = self.relu(self.bn4(self.layer4(self.conv4(self.pool(x3)))))
         return x0, x1, x2, x3, x4
-
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> last stage map (B, num_features, H/32, W/32)."""
-        return self._stages(x)[-1]
-
-    def forward_head(self, x):
-        """(B, num_features, h, w) -> (B, num_classes) logits, or (B, num_features) if num_classes == 0."""
-        return self.fc(x.mean(axis=(2, 3)))
-
-    def construct(self, x):
-        if self.out_indices is None:
-            return self.forward_head(self.forward_features(x))
-        stages = self._stages(x)
-        selected = ()
-        for index in self.out_indices:
-            selected = selected + (stages[index],)
-        return selected
 
 
 def _create_san(name, num_classes, in_chans, overrides, use_acmix, **defaults):
