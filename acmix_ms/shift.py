@@ -61,6 +61,8 @@ class ShiftConv(nn.Cell):
         self.stride = stride
         self.pad = kernel_size // 2
         if impl == "tensor":
+            # the Pad primitive, not ops.pad: ops.pad's gradient (PadV3Grad) hangs after a few calls on CPU (MS 2.8)
+            self.zero_pad = ops.Pad(((0, 0), (0, 0), (self.pad, self.pad), (self.pad, self.pad)))
             return
         k2 = kernel_size * kernel_size
         shape = (out_channels, k2, kernel_size, kernel_size)
@@ -83,7 +85,7 @@ class ShiftConv(nn.Cell):
         batch, _, height, width = x.shape
         k2 = self.kernel_size * self.kernel_size
         h_out, w_out = out_size(height, self.stride), out_size(width, self.stride)
-        padded = ops.pad(x, (self.pad, self.pad, self.pad, self.pad))
+        padded = self.zero_pad(x)
         padded = padded.reshape(batch * self.head_dim, k2, height + 2 * self.pad, width + 2 * self.pad)
         total = self._shifted(padded, 0, h_out, w_out)
         for p in range(1, k2):
