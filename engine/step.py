@@ -1,0 +1,183 @@
+"""The compiled training step and its pieces (loss wrapper, EMA, loss scalers, rank-sync helpers).
+
+``TrainStep`` is one Cell whose ``construct`` runs in graph mode: forward + loss, gradients of the scaled
+loss, unscale, data-parallel mean (``nn.DistributedGradReducer``), finiteness check, global-norm clipping,
+optimizer update (skipped when the gradients overflowed), EMA update. Loss scaling uses
+``ms.amp.StaticLossScaler`` / ``DynamicLossScaler`` with ``ms.amp.all_finite``: the loss-scale Cells
+(``TrainOneStepWithLossScaleCell``) need NPU float-status ops that CPU lacks.
+"""
+import mindspore as ms
+from mindspore import nn, ops, Parameter, ParameterTuple, amp
+
+
+class NetWithLoss(nn.Cell):
+    """images (B, C, H, W), labels (B,) or (B, K) -> scalar float32 loss."""
+
+    def __init__(self, network, loss_fn):
+        super().__init__()
+        self.network = network
+        self.loss_fn = loss_fn
+
+    def construct(self, images, labels):
+        return self.loss_fn(self.network(images), labels)
+
+
+@ms.jit_class
+class NoLossScaler:
+    """Scale 1 and no adjustment: the same interface as ``ms.amp`` loss scalers, for ``loss_scale='none'``."""
+
+    def scale(self, inputs):
+        return inputs
+
+    def unscale(self, inputs):
+        return inputs
+
+    def adjust(self, grads_finite):
+        return grads_finite
+
+
+def create_loss_scaler(kind, value=65536.0, window=1000):
+    """'none' | 'static' | 'dynamic' -> a loss scaler; the ms.amp ones keep their scale in Parameters."""
+    if kind == "none":
+        return NoLossScaler()
+    if kind == "static":
+        return amp.StaticLossScaler(value)
+    if kind == "dynamic":
+        return amp.DynamicLossScaler(value, 2, window)
+    raise ValueError(f"loss_scale={kind!r} is not supported; allowed values: 'none', 'static', 'dynamic'")
+
+
+def loss_scaler_state(scaler):
+    """(name, Parameter) pairs of a loss scaler's state (empty for 'none'/'static')."""
+    names = ("scale_value", "counter") if isinstance(scaler, amp.DynamicLossScaler) else ()
+    return [(name, getattr(scaler, name)) for name in names]
+
+
+def _ema_update(decay, ema_param, param):
+    return ops.assign(ema_param, ema_param * decay + ops.cast(param, ema_param.dtype) * (1.0 - decay))
+
+
+class EMA:
+    """Exponential moving average of every float model Parameter (weights and norm statistics)."""
+
+    def __init__(self, named_params, decay):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.names = [name for name, param in named_params if param.dtype in (ms.float32, ms.float16)]
+        by_name = dict(named_params)
+        self.sources = ParameterTuple([by_name[name] for name in self.names])
+        self.params = ParameterTuple([
+            Parameter(by_name[name].data.copy(), name=f"ema.{name}", requires_grad=False) for name in self.names])
+
+    def named(self):
+        return list(zip(self.names, self.params))
+
+
+class TrainStep(nn.Cell):
+    """One optimisation step; returns (loss, lr, grads_finite) for the batch.
+
+    Non-finite gradients skip the parameter and EMA update (dynamic loss scaling then lowers the scale);
+    the optimizer's ``global_step`` advances either way.
+
+    Args:
+        net_with_loss: Cell (images, labels) -> loss.
+        optimizer: a MindSpore optimizer whose learning rate is a schedule Cell.
+        loss_scaler: from ``create_loss_scaler``.
+        clip_grad_norm: global-norm bound (None: no clipping).
+        ema: an ``EMA`` or None.
+        grad_reducer: ``nn.DistributedGradReducer`` for data parallel, or None.
+        group_size: number of data-parallel ranks (the returned loss is their mean).
+    """
+
+    def __init__(self, net_with_loss, optimizer, loss_scaler, clip_grad_norm=None, ema=None, grad_reducer=None,
+                 group_size=1):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.loss_scaler = loss_scaler
+        self.scaled = not isinstance(loss_scaler, NoLossScaler)
+        self.clip = clip_grad_norm is not None
+        self.clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else 1.0
+        self.use_ema = ema is not None
+        if ema is not None:
+            self.ema_decay = ema.decay
+            self.ema_params = ema.params
+            self.ema_sources = ema.sources
+        self.reduce = grad_reducer is not None
+        self.grad_reducer = grad_reducer
+        if self.reduce:  # every rank reports (and checks) the mean loss, so all stop together on NaN
+            self.all_reduce = ops.AllReduce()
+            self.group_size = float(group_size)
+        self.hyper_map = ops.HyperMap()
+        self.grad_fn = ops.value_and_grad(self.scaled_loss, None, self.weights, has_aux=True)
+
+    def scaled_loss(self, images, labels):
+        loss = self.net_with_loss(images, labels)
+        return self.loss_scaler.scale(loss), loss
+
+    def construct(self, images, labels):
+        lr = self.optimizer.learning_rate(self.optimizer.global_step)
+        (_, loss), grads = self.grad_fn(images, labels)
+        if self.reduce:
+            grads = self.grad_reducer(grads)
+        grads = self.loss_scaler.unscale(grads)
+        finite = amp.all_finite(grads)
+        if self.scaled:
+            loss = ops.depend(loss, self.loss_scaler.adjust(finite))
+        if self.clip:
+            grads = ops.clip_by_global_norm(grads, self.clip_grad_norm)
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads))
+            if self.use_ema:
+                loss = ops.depend(loss, self.hyper_map(ops.partial(_ema_update, self.ema_decay),
+                                                       self.ema_params, self.ema_sources))
+        else:  # skipped update: the step counter (and so the lr schedule) still advances
+            loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step,
+                                                   self.optimizer.global_step_increase_tensor))
+        if self.reduce:
+            loss = self.all_reduce(loss) / self.group_size
+        return loss, lr, finite
+
+
+class _AllReduceMean(nn.Cell):
+    def __init__(self, group_size):
+        super().__init__()
+        self.all_reduce = ops.AllReduce()
+        self.group_size = float(group_size)
+
+    def construct(self, tensors):
+        return tuple(self.all_reduce(tensor) / self.group_size for tensor in tensors)
+
+
+class _Broadcast(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.broadcast = ops.Broadcast(0)
+
+    def construct(self, tensors):
+        return self.broadcast(tensors)
+
+
+class RankSync:
+    """Data-parallel helpers run outside the step: broadcast rank 0's values, average across ranks."""
+
+    def __init__(self, group_size):
+        self.group_size = group_size
+        self._mean = _AllReduceMean(group_size)
+        self._broadcast = _Broadcast()
+
+    def broadcast(self, params):
+        """Make ``params`` equal to rank 0's (initial weights, restored state)."""
+        params = [param for param in params if param.dtype in (ms.float32, ms.float16)]
+        if params:
+            for param, value in zip(params, self._broadcast(tuple(ms.Tensor(param.asnumpy()) for param in params))):
+                param.set_data(value)
+
+    def average(self, params):
+        """Mean over ranks in place (norm statistics computed on each rank's own data)."""
+        params = [param for param in params if param.dtype in (ms.float32, ms.float16)]
+        if params:
+            for param, value in zip(params, self._mean(tuple(ms.Tensor(param.asnumpy()) for param in params))):
+                param.set_data(value)

@@ -1,0 +1,347 @@
+"""Training loop: data, model, optimizer, compiled step, validation, checkpoints, resume, data parallel.
+
+``Trainer(cfg).fit()`` runs a whole configuration (see ``engine.config.TRAIN_OPTIONS``). Files written by
+the writer rank (rank 0) into ``cfg.output_dir``:
+
+* ``last.ckpt``: full training state, every ``save_every_epochs`` epochs, every ``save_every_steps`` steps,
+  at ``stop_at_step`` and at the end; ``best.ckpt``: the state with the best validation top-1;
+  ``epoch_NNN.ckpt`` with ``keep_epoch_checkpoints``; ``config.yaml``, ``train.log``, ``metrics.jsonl``,
+  ``curves.png``.
+"""
+import math
+import os
+import time
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .config import ConfigError
+from .data import DataError, check_same_classes, eval_dataset, scan_split, steps_per_epoch, train_dataset
+from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
+    setup_logging
+from .metrics import evaluate
+from .runtime import build_model, init_distributed, setup_context
+
+LAST, BEST = "last.ckpt", "best.ckpt"
+
+
+MAX_CONSECUTIVE_OVERFLOWS = 100
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the gradients became NaN or infinite."""
+
+    def __init__(self, what, global_step, epoch, step_in_epoch, last_checkpoint):
+        self.global_step = global_step
+        kept = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was saved yet"
+        super().__init__(f"{what} at step {global_step} (epoch {epoch + 1}, step {step_in_epoch} of the epoch): "
+                         f"stopped{kept}. Lower --lr, set --clip_grad_norm, or use --amp_level O0")
+
+
+class Trainer:
+    """Builds everything for a config; ``fit()`` trains and returns a summary dict."""
+
+    def __init__(self, cfg):
+        if cfg.model is None:
+            raise ConfigError("option 'model' is required (a name from models.list_models())")
+        self.cfg = cfg
+        setup_context(cfg.mode, cfg.device_target, cfg.seed)
+        self.rank, self.group_size = init_distributed(cfg.distributed)
+        self.writer = self.rank == 0
+        self.output_dir = cfg.output_dir or os.path.join("runs", cfg.model)
+        self.save_dir = self.output_dir if self.writer else (
+            os.path.join(self.output_dir, f"rank_{self.rank}") if cfg.save_on_all_ranks else None)
+        self.log = setup_logging(self.output_dir, self.writer)
+        self.metrics = MetricsWriter(self.output_dir, self.writer)
+
+        # data first: a bad dataset fails before any compilation
+        self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
+        self.val_index = None
+        if cfg.val_split:
+            self.val_index = scan_split(cfg.data_dir, cfg.val_split, cfg.verify_images, cfg.bad_images)
+            check_same_classes(self.train_index, self.val_index)
+        self.class_names = self.train_index.classes
+        self.num_classes = cfg.num_classes or len(self.class_names)
+        if self.num_classes < len(self.class_names):
+            raise ConfigError(f"option 'num_classes'={self.num_classes} is smaller than the "
+                              f"{len(self.class_names)} class folders of {self.train_index.root}")
+        self.steps_per_epoch = steps_per_epoch(len(self.train_index), cfg.batch_size, self.group_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.global_batch = cfg.batch_size * self.group_size
+
+        self._build_model()
+        self._build_step()
+        self.epochs_done, self.step_in_epoch, self.best_top1, self.best_epoch = 0, 0, None, None
+        self.last_checkpoint = None
+        resume_path = self._resume_path()
+        if resume_path:
+            self._restore(resume_path)
+        if self.group_size > 1:
+            # identical starting point on every rank (random init differs per process unless seeded alike)
+            self.sync.broadcast([param for _, param in self._state_params()])
+        self.history = []  # (global_step, loss) of every step run by this process
+        self.skipped_steps = 0  # updates skipped for non-finite gradients (dynamic loss scaling)
+        self.consecutive_overflows = 0
+
+    # ---- construction -------------------------------------------------------------------------------
+    def _build_model(self):
+        import mindspore as ms
+        from mindspore import amp
+        cfg = self.cfg
+        self.model = build_model(cfg.model, self.num_classes, cfg.model_overrides, cfg.drop_path_rate,
+                                 cfg.in_chans)
+        if cfg.init_checkpoint:
+            ckpt.load_checkpoint_into(self.model, cfg.init_checkpoint, strict=True)
+        # structural names, taken before mixed precision wraps the network
+        self.named_params = list(self.model.parameters_and_names())
+        self.network = amp.auto_mixed_precision(self.model, cfg.amp_level) if cfg.amp_level != "O0" else self.model
+        self.param_count = sum(int(np.prod(p.shape)) for _, p in self.named_params if p.requires_grad)
+        self.ms = ms
+
+    def _build_step(self):
+        from mindspore import nn
+        from .losses import SmoothedCrossEntropy
+        from .optim import create_optimizer, optimizer_state
+        from .step import EMA, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
+        cfg = self.cfg
+        self.optimizer, self.schedule, self.optim_info = create_optimizer(
+            cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
+        self.optimizer_state = optimizer_state(self.optimizer, {id(p) for _, p in self.named_params})
+        self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay else None
+        self.loss_scaler = create_loss_scaler(cfg.loss_scale, cfg.loss_scale_value, cfg.loss_scale_window)
+        self.scaler_state = loss_scaler_state(self.loss_scaler)
+        reducer = None
+        self.sync = None
+        if self.group_size > 1:
+            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.group_size)
+            self.sync = RankSync(self.group_size)
+        loss = SmoothedCrossEntropy(cfg.label_smoothing)
+        self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
+                                    cfg.clip_grad_norm, self.ema, reducer, self.group_size)
+
+    # ---- state and checkpoints ----------------------------------------------------------------------
+    def _state_params(self):
+        """Every (checkpoint name, Parameter) of the training state."""
+        state = list(self.named_params)
+        if self.ema is not None:
+            state += [(f"ema.{name}", param) for name, param in self.ema.named()]
+        state += [(f"optimizer.{name}", param) for name, param in self.optimizer_state]
+        state += [(f"loss_scaler.{name}", param) for name, param in self.scaler_state]
+        return state
+
+    def _meta(self):
+        return {"model": self.cfg.model, "num_classes": self.num_classes, "class_names": self.class_names,
+                "epochs_done": self.epochs_done, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step(), "steps_per_epoch": self.steps_per_epoch,
+                "best_top1": self.best_top1, "best_epoch": self.best_epoch, "config": self.cfg.to_yaml(),
+                "has_ema": self.ema is not None}
+
+    def global_step(self):
+        return int(self.optimizer.global_step.asnumpy().reshape(-1)[0])
+
+    def _save(self, name):
+        if self.save_dir is None:
+            return None
+        path = os.path.join(self.save_dir, name)
+        ckpt.save_checkpoint(path, self._state_params(), self._meta())
+        return path
+
+    def _save_last(self, reason):
+        path = self._save(LAST)
+        if path:
+            self.last_checkpoint = path
+            self.log.info(f"saved {path} ({reason}, step {self.global_step()})")
+        if self.cfg.keep_epoch_checkpoints and self.step_in_epoch == 0 and self.epochs_done > 0:
+            self._save(f"epoch_{self.epochs_done:03d}.ckpt")
+
+    def _resume_path(self):
+        resume = self.cfg.resume
+        if not resume:
+            return None
+        if resume == "auto":
+            path = os.path.join(self.output_dir, LAST)
+            return path if os.path.isfile(path) else None
+        if not os.path.isfile(resume):
+            raise ckpt.CheckpointError(f"--resume: checkpoint not found: {resume}")
+        return resume
+
+    def _restore(self, path):
+        tensors, meta = ckpt.read_checkpoint(path)
+        if "global_step" not in meta:
+            raise ckpt.CheckpointError(f"--resume: {path} holds weights only, not a training state "
+                                       f"(use --init_checkpoint to start from its weights)")
+        if meta.get("model") != self.cfg.model:
+            raise ckpt.CheckpointError(f"--resume: {path} was trained as model {meta.get('model')!r}, "
+                                       f"this run builds {self.cfg.model!r}")
+        if meta.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ckpt.CheckpointError(
+                f"--resume: {path} was saved with {meta.get('steps_per_epoch')} steps per epoch, this run has "
+                f"{self.steps_per_epoch} (dataset, batch_size or device count changed); use --init_checkpoint "
+                f"to start a new schedule from its weights")
+        state = self._state_params()
+        missing, unexpected, mismatched = ckpt.match_state(state, tensors)
+        if missing or mismatched:
+            raise ckpt.CheckpointError(f"--resume: {path} does not match this run's training state:\n"
+                                       + ckpt.key_report(missing, unexpected, mismatched))
+        ckpt.assign_tensors(state, tensors)
+        self.epochs_done = int(meta["epochs_done"])
+        self.step_in_epoch = int(meta["step_in_epoch"])
+        self.best_top1, self.best_epoch = meta.get("best_top1"), meta.get("best_epoch")
+        self.last_checkpoint = path
+        self.log.info(f"resumed from {path}: epoch {self.epochs_done + 1}, step {self.step_in_epoch} of the "
+                      f"epoch, global step {self.global_step()}")
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def _predict(self, images):
+        return self.network(self.ms.Tensor(images)).asnumpy()
+
+    def validate(self):
+        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema)."""
+        if self.val_index is None:
+            return None
+        use_ema = self.ema is not None and self.cfg.eval_ema
+        if use_ema:  # evaluate the EMA weights in the same network, then put the trained weights back
+            raw = dict(self.named_params)
+            originals = [(raw[name], raw[name].asnumpy()) for name in self.ema.names]
+            for name, ema_param in self.ema.named():
+                raw[name].set_data(self.ms.Tensor(ema_param.asnumpy()))
+        self.network.set_train(False)
+        try:
+            dataset = eval_dataset(self.cfg, self.val_index)
+            meter = evaluate(self._predict, dataset, self.num_classes)
+        finally:
+            self.network.set_train(True)
+            if use_ema:
+                for param, value in originals:
+                    param.set_data(self.ms.Tensor(value))
+        return meter.result()
+
+    # ---- training -----------------------------------------------------------------------------------
+    def _log_setup(self):
+        cfg, info = self.cfg, self.optim_info
+        self.log.info(f"model {cfg.model}: {self.param_count / 1e6:.3f} M trainable parameters, "
+                      f"{self.num_classes} classes; amp {cfg.amp_level}, loss scale {cfg.loss_scale}")
+        self.log.info(f"data {cfg.data_dir}: {len(self.train_index)} train / "
+                      f"{len(self.val_index) if self.val_index else 0} val images; {self.group_size} device(s) x "
+                      f"batch {cfg.batch_size}; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps")
+        self.log.info(f"optimizer {cfg.opt}: peak lr {info['peak_lr']:.4g}, {info['warmup_steps']} warm-up steps, "
+                      f"weight decay {cfg.weight_decay} on {info['decayed']} tensors "
+                      f"({info['not_decayed']} without)")
+
+    def _check_finite(self, loss, grads_finite, step, epoch):
+        """Stop on a NaN/inf loss, on non-finite gradients without dynamic loss scaling, or on too many
+        consecutive overflows with it (the scale cannot recover)."""
+        where = (step, epoch, self.step_in_epoch, self.last_checkpoint)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training loss is {loss}", *where)
+        if grads_finite:
+            self.consecutive_overflows = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_overflows += 1
+        if self.cfg.loss_scale != "dynamic":
+            raise TrainingDiverged(f"gradients are not finite (loss {loss:.4g})", *where)
+        if self.consecutive_overflows > MAX_CONSECUTIVE_OVERFLOWS:
+            raise TrainingDiverged(f"gradients overflowed {self.consecutive_overflows} steps in a row", *where)
+
+    def fit(self):
+        """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict."""
+        cfg = self.cfg
+        if self.writer:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "config.yaml"), "w", encoding="utf-8") as handle:
+                handle.write(cfg.to_yaml())
+        self._log_setup()
+        start = time.time()
+        progress = ProgressMeter(self.log, self.total_steps, self.steps_per_epoch, cfg.epochs, self.global_batch,
+                                 start_step=self.global_step())
+        last_val = None
+        stopped_early = False
+        self.network.set_train(True)
+        while self.epochs_done < cfg.epochs:
+            epoch = self.epochs_done
+            epoch_start, epoch_losses = time.time(), []
+            dataset = train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch, self.group_size,
+                                    self.rank)
+            if self.step_in_epoch:
+                dataset = dataset.skip(self.step_in_epoch)
+            progress.start_epoch()
+            lr = float("nan")
+            for images, labels in dataset.create_tuple_iterator(num_epochs=1):
+                loss, lr_tensor, grads_finite = self.train_step(images, labels)
+                loss = float(loss.asnumpy())
+                self.step_in_epoch += 1
+                progress.step(loss)
+                step = self.global_step()
+                self._check_finite(loss, bool(grads_finite.asnumpy()), step, epoch)
+                lr = float(lr_tensor.asnumpy().reshape(-1)[0])
+                self.history.append((step, loss))
+                epoch_losses.append(loss)
+                if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    record, text = progress.line(epoch, self.step_in_epoch, lr)
+                    self.log.info(text)
+                    self.metrics.write(record)
+                if self.step_in_epoch == self.steps_per_epoch:
+                    break
+                if cfg.stop_at_step and step >= cfg.stop_at_step:
+                    stopped_early = True
+                    break
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    self._save_last(f"every {cfg.save_every_steps} steps")
+            if stopped_early:
+                self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                break
+            if self.step_in_epoch != self.steps_per_epoch:
+                raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
+                                f"{self.steps_per_epoch}")
+            self.epochs_done += 1
+            self.step_in_epoch = 0
+            if self.sync is not None:  # norm statistics were computed on each rank's own shard
+                self.sync.average([param for _, param in self.named_params if not param.requires_grad])
+                if self.ema is not None:
+                    self.sync.average(list(self.ema.params))
+            record = {"type": "epoch", "epoch": self.epochs_done, "global_step": self.global_step(),
+                      "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None, "lr": lr,
+                      "epoch_time_s": time.time() - epoch_start}
+            last_epoch = self.epochs_done == cfg.epochs
+            if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
+                last_val = self.validate()
+                record.update(val_top1=last_val["top1"], val_top5=last_val["top5"], val_loss=last_val["loss"])
+                improved = self.best_top1 is None or last_val["top1"] > self.best_top1
+                if improved:
+                    self.best_top1, self.best_epoch = last_val["top1"], self.epochs_done
+                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} val top-1 {last_val['top1']:.2f}% top-5 "
+                              f"{last_val['top5']:.2f}% loss {last_val['loss']:.4f} (best {self.best_top1:.2f}% "
+                              f"at epoch {self.best_epoch}); epoch time {format_duration(record['epoch_time_s'])}")
+                if improved:
+                    self._save(BEST)
+            record["best_top1"] = self.best_top1
+            self.metrics.write(record)
+            step_due = cfg.save_every_steps and self.global_step() % cfg.save_every_steps == 0
+            if self.epochs_done % cfg.save_every_epochs == 0 or last_epoch or step_due:
+                self._save_last(f"epoch {self.epochs_done}")
+            if cfg.plot and self.writer:
+                plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
+                            self.log if self.epochs_done == 1 else None)
+            if cfg.stop_at_step and self.global_step() >= cfg.stop_at_step and not last_epoch:
+                stopped_early = True
+                if not (self.epochs_done % cfg.save_every_epochs == 0 or step_due):
+                    self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                break
+        elapsed = time.time() - start
+        self.log.info(f"finished at step {self.global_step()} in {format_duration(elapsed)}"
+                      + (f"; best val top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})"
+                         if self.best_top1 is not None else ""))
+        return {"global_step": self.global_step(), "epochs_done": self.epochs_done, "best_top1": self.best_top1,
+                "best_epoch": self.best_epoch, "last_val": last_val, "time_s": elapsed,
+                "last_checkpoint": self.last_checkpoint,
+                "best_checkpoint": os.path.join(self.output_dir, BEST) if self.best_top1 is not None else None,
+                "images_per_s": progress.images_per_second(), "stopped_early": stopped_early,
+                "skipped_steps": self.skipped_steps}
+
+
+def train(cfg):
+    """Train a config; returns ``(trainer, summary)``."""
+    trainer = Trainer(cfg)
+    return trainer, trainer.fit()
+

@@ -1,0 +1,126 @@
+"""Top-1/top-5 accuracy and loss of a checkpoint or an exported MINDIR on an ImageFolder split.
+
+    python eval.py --checkpoint runs/resnet_tiny/best.ckpt [--data_dir data/fashion_mnist] [--per_class]
+    python eval.py --mindir runs/resnet_tiny/model.mindir --data_dir data/fashion_mnist
+
+A training checkpoint carries its run configuration: the model, class names and the evaluation
+preprocessing (resize to image_size / crop_pct, center crop, normalisation) are taken from it, so the
+numbers match the validation of training. A MINDIR reads the same from the ``<file>.json`` that export.py
+writes beside it (or from ``--config``). Exit codes: 0 done, 2 bad input.
+"""
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint or MINDIR on an ImageFolder split.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="training checkpoint (.ckpt) written by train.py")
+    source.add_argument("--mindir", help="MINDIR written by export.py")
+    parser.add_argument("--data_dir", help="ImageFolder root (default: the training run's data_dir)")
+    parser.add_argument("--split", default=None, help="sub-folder to evaluate (default: the run's val_split)")
+    parser.add_argument("--config", help="YAML run config giving the preprocessing (MINDIR without its .json)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="evaluation batch size; for a MINDIR without its .json: the exported batch size")
+    parser.add_argument("--num_workers", type=int, default=None, help="decoding workers")
+    parser.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
+                        help="checkpoint weights: auto = those training validated (EMA if it was on), raw, ema")
+    parser.add_argument("--per_class", "--per-class", dest="per_class", action="store_true",
+                        help="print the accuracy of every class")
+    parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
+    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
+    parser.add_argument("--mode", choices=("graph", "pynative"), default="graph")
+    return parser.parse_args(argv)
+
+
+def _mindir_config(args):
+    """(run Config, class names, fixed batch, num_classes) for a MINDIR: its sidecar JSON, else --config."""
+    from engine.config import ConfigError, TRAIN_OPTIONS, build_config, read_yaml
+    sidecar = args.mindir + ".json"
+    if os.path.isfile(sidecar):
+        with open(sidecar, encoding="utf-8") as handle:
+            info = json.load(handle)
+        values = {key: info[key] for key in ("image_size", "crop_pct", "interpolation", "mean", "std", "in_chans",
+                                             "data_dir", "val_split") if key in info}
+        cfg = build_config(TRAIN_OPTIONS, values, file_source=sidecar)
+        return cfg, info.get("class_names"), info["input_shape"][0], info.get("num_classes")
+    if not args.config:
+        raise ConfigError(f"{args.mindir} has no {os.path.basename(sidecar)} beside it: pass --config with the "
+                          f"preprocessing options (image_size, crop_pct, mean, std, ...)")
+    if not args.batch_size:
+        raise ConfigError("a MINDIR without its .json needs --batch_size: the batch size it was exported with")
+    cfg = build_config(TRAIN_OPTIONS, read_yaml(args.config), file_source=args.config)
+    return cfg, None, args.batch_size, cfg.num_classes
+
+
+def run(args):
+    """Evaluate; returns the results dict."""
+    import mindspore as ms
+    from engine.data import DataError, eval_dataset, scan_split
+    from engine.metrics import evaluate
+    from engine.runtime import model_from_checkpoint, setup_context
+    setup_context(args.mode, args.device_target)
+    if args.checkpoint:
+        model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights)
+        class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
+        model.set_train(False)
+
+        def predict(images):
+            return model(ms.Tensor(images)).asnumpy()
+    else:
+        if not os.path.isfile(args.mindir):
+            raise DataError(f"MINDIR not found: {args.mindir}")
+        cfg, class_names, fixed_batch, num_classes = _mindir_config(args)
+        graph = ms.nn.GraphCell(ms.load(args.mindir))
+
+        def predict(images):
+            return graph(ms.Tensor(images)).asnumpy()
+    data_dir = args.data_dir or cfg.data_dir
+    split = args.split or cfg.val_split or "val"
+    if args.num_workers:
+        cfg.num_workers = args.num_workers
+    index = scan_split(data_dir, split, verify_images=True, bad_images="fail")
+    if class_names is not None and index.classes != list(class_names):
+        raise DataError(f"the class folders of {index.root} ({len(index.classes)}) differ from the classes the "
+                        f"model was trained on ({len(class_names)}): "
+                        f"only here: {sorted(set(index.classes) - set(class_names)) or 'none'}; "
+                        f"only in training: {sorted(set(class_names) - set(index.classes)) or 'none'}")
+    if num_classes is None:  # a MINDIR with --config and no num_classes: one output per class folder
+        num_classes = len(index.classes)
+    batch = fixed_batch or args.batch_size or cfg.eval_batch_size or cfg.batch_size
+    meter = evaluate(predict, eval_dataset(cfg, index, batch), num_classes, fixed_batch=fixed_batch)
+    result = dict(meter.result(), source=args.checkpoint or args.mindir, data=index.root)
+    names = class_names or index.classes
+    result["per_class"] = {names[i] if i < len(names) else str(i): {"top1": acc, "count": count}
+                           for i, acc, count in meter.per_class()}
+    return result
+
+
+def main(argv=None):
+    from engine.checkpoint import CheckpointError
+    from engine.config import ConfigError
+    from engine.data import DataError
+    from engine.runtime import ModelBuildError
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(args)
+    except (ConfigError, DataError, CheckpointError, ModelBuildError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result['source']} on {result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+          f"loss {result['loss']:.4f}  ({result['count']} images)")
+    if args.per_class:
+        width = max(len(name) for name in result["per_class"])
+        for name, row in result["per_class"].items():
+            accuracy = f"{row['top1']:6.2f}%" if row["top1"] is not None else "    n/a"
+            print(f"  {name:<{width}}  {accuracy}  ({row['count']} images)")
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

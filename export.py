@@ -1,0 +1,170 @@
+"""Export a registered model to MINDIR (or ONNX / AIR) and verify the exported file.
+
+    python export.py --checkpoint runs/resnet_tiny/best.ckpt --batch_size 1 [--image_size 32] \
+        [--output runs/resnet_tiny/model.mindir] [--format MINDIR|ONNX|AIR] [--weights auto|raw|ema]
+    python export.py --model resnet26_acmix --num_classes 1000 --image_size 224      # random weights
+
+The file is written under a temporary name, reloaded (MINDIR: ``ms.load`` + ``nn.GraphCell``; ONNX:
+onnxruntime when installed) and run on a sample batch; the max |difference| to the MindSpore network is
+printed, and only a file within tolerance is moved to ``--output``. A ``<output>.json`` beside it records the
+input shape, class names and preprocessing for eval.py. Exit codes: 0 verified, 1 outside tolerance or
+export unsupported, 2 bad input.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+# operators whose ONNX export MindSpore 2.8 lacks (seen on CPU): name them when ONNX export fails
+ONNX_GAPS = "ops.unfold (Im2Col), reflection padding (MirrorPad), bilinear resize"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Export a model and check the exported file's output.")
+    parser.add_argument("--checkpoint", help="training checkpoint (model, classes and preprocessing come from it)")
+    parser.add_argument("--model", help="registered model name (without --checkpoint: random weights)")
+    parser.add_argument("--num_classes", type=int, default=None, help="classifier width (without --checkpoint)")
+    parser.add_argument("--in_chans", type=int, default=None, help="input channels (default: the run's, or 3)")
+    parser.add_argument("--batch_size", type=int, default=1, help="batch size of the exported input")
+    parser.add_argument("--image_size", type=int, default=None, help="input height and width "
+                        "(default: the run's image_size, or 224)")
+    parser.add_argument("--format", default="MINDIR", type=str.upper, choices=sorted(FORMATS))
+    parser.add_argument("--output", help="exported file (default: next to the checkpoint, model.<ext>)")
+    parser.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
+                        help="checkpoint weights: auto = those training validated (EMA if it was on), raw, ema")
+    parser.add_argument("--atol", type=float, default=1e-4, help="allowed max |diff| (plus rtol * max |output|)")
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample batch")
+    return parser.parse_args(argv)
+
+
+def _model_and_info(args):
+    from engine.config import ConfigError
+    from engine.runtime import build_model, model_from_checkpoint
+    if args.checkpoint:
+        model, cfg, meta, use_ema = model_from_checkpoint(args.checkpoint, args.weights)
+        info = {"model": cfg.model, "num_classes": meta["num_classes"], "class_names": meta.get("class_names"),
+                "image_size": args.image_size or cfg.image_size, "in_chans": cfg.in_chans,
+                "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation, "mean": cfg.mean, "std": cfg.std,
+                "data_dir": cfg.data_dir, "val_split": cfg.val_split, "checkpoint": os.path.abspath(args.checkpoint),
+                "weights": "ema" if use_ema else "raw"}
+        if args.in_chans is not None and args.in_chans != cfg.in_chans:
+            raise ConfigError(f"--in_chans {args.in_chans} differs from the checkpoint's in_chans {cfg.in_chans}")
+        return model, info
+    if not args.model:
+        raise ConfigError("give --checkpoint (a training checkpoint) or --model (random weights)")
+    if args.weights != "auto":
+        raise ConfigError("--weights needs --checkpoint")
+    in_chans = args.in_chans or 3
+    model = build_model(args.model, args.num_classes or 1000, in_chans=in_chans)
+    return model, {"model": args.model, "num_classes": args.num_classes or 1000, "class_names": None,
+                   "image_size": args.image_size or 224, "in_chans": in_chans}
+
+
+def _run_exported(path, file_format, sample):
+    """Output of the exported file on ``sample``; None when it cannot be run here (with the reason printed)."""
+    import mindspore as ms
+    if file_format == "MINDIR":
+        graph = ms.nn.GraphCell(ms.load(path))
+        return graph(ms.Tensor(sample)).asnumpy()
+    if file_format == "ONNX":
+        try:
+            import onnxruntime
+        except ImportError:
+            print("onnxruntime is not installed: the ONNX file was written but not run (pip install onnxruntime)")
+            return None
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: sample})[0]
+    print("AIR files run on Ascend through ACL only: not verified here")
+    return None
+
+
+def export(args):
+    """Export, verify and move into place; returns (output path, max |diff| or None)."""
+    import mindspore as ms
+    from engine.config import ConfigError
+    from engine.runtime import setup_context
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.image_size is not None and args.image_size < 1:
+        raise ConfigError(f"--image_size must be >= 1, got {args.image_size}")
+    setup_context("graph", args.device_target)
+    if args.format == "AIR" and ms.get_context("device_target") != "Ascend":
+        raise ExportError(f"AIR export needs an Ascend device (device_target is "
+                          f"{ms.get_context('device_target')}); use --format MINDIR")
+    model, info = _model_and_info(args)
+    model.set_train(False)
+    suffix = FORMATS[args.format]
+    output = args.output or os.path.join(os.path.dirname(args.checkpoint) if args.checkpoint else ".",
+                                         f"{info['model']}{suffix}")
+    if not output.endswith(suffix):
+        raise ConfigError(f"--output for {args.format} must end with {suffix}, got {output}")
+    shape = (args.batch_size, info["in_chans"], info["image_size"], info["image_size"])
+    sample = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+    reference = model(ms.Tensor(sample)).asnumpy()
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix=".export-", dir=folder)
+    temp_base = os.path.join(temp_dir, "model")
+    try:
+        try:
+            ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
+        except Exception as err:  # MindSpore raises RuntimeError/TypeError for unsupported operators
+            hint = f" MindSpore cannot export some operators to ONNX ({ONNX_GAPS}); MINDIR supports all." \
+                if args.format == "ONNX" else ""
+            raise ExportError(f"{args.format} export of {info['model']} failed: {str(err).splitlines()[0]}.{hint}") \
+                from None
+        written = temp_base + suffix
+        if not os.path.isfile(written):
+            raise ExportError(f"MindSpore wrote no {suffix} file for {info['model']}")
+        exported = _run_exported(written, args.format, sample)
+        max_diff = None
+        if exported is not None:
+            if exported.shape != reference.shape:
+                raise ExportError(f"exported output shape {exported.shape} differs from the network's "
+                                  f"{reference.shape}")
+            max_diff = float(np.abs(exported.astype(np.float64) - reference).max())
+            bound = args.atol + args.rtol * float(np.abs(reference).max())
+            print(f"max |diff| exported vs network on a {shape} sample: {max_diff:.3e} (tolerance {bound:.3e})")
+            if max_diff > bound:
+                raise ExportError(f"exported {args.format} output differs from the network by {max_diff:.3e} "
+                                  f"> {bound:.3e}; the file was not written")
+        os.replace(written, output)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    sidecar = dict(info, format=args.format, input_shape=list(shape), max_abs_diff=max_diff)
+    with open(output + ".json.tmp", "w", encoding="utf-8") as handle:
+        json.dump(sidecar, handle, indent=1)
+    os.replace(output + ".json.tmp", output + ".json")
+    print(f"exported {info['model']} ({args.format}, input {shape}) to {output}")
+    return output, max_diff
+
+
+def main(argv=None):
+    from engine.checkpoint import CheckpointError
+    from engine.config import ConfigError
+    from engine.runtime import ModelBuildError
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        export(args)
+    except (ConfigError, CheckpointError, ModelBuildError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""tools/demo.py end to end (data preparation, training, evaluation, MINDIR export, table) on the test network."""
+import json
+import os
+
+import pytest
+
+from conftest import TEST_MODEL, fashion_mnist_available
+from tools import demo
+
+
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="the demo reads Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+def test_demo_trains_evaluates_and_exports(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    code = demo.main(["--models", TEST_MODEL, "--data", str(tmp_path / "data"), "--out", out,
+                      "--train-per-class", "10", "--val-per-class", "5", "--epochs", "1",
+                      "--set", "num_workers=1", "eval_batch_size=25"])
+    assert code == 0
+    text = capsys.readouterr().out
+    results = json.load(open(os.path.join(out, "results.json")))
+    row = results["models"][0]
+    assert row["model"] == TEST_MODEL and row["top1"] == pytest.approx(row["training_val_top1"])
+    assert results["mindir"]["top1"] == pytest.approx(row["top1"])
+    assert os.path.isfile(results["mindir"]["file"])
+    assert f"{TEST_MODEL:<20}" in text and "max |diff|" in text
+
+
+def test_demo_rejects_bad_set_option(tmp_path, capsys):
+    if not fashion_mnist_available():
+        pytest.skip("needs dataset-fashion-mnist for the data step")
+    code = demo.main(["--models", TEST_MODEL, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+                      "--train-per-class", "2", "--val-per-class", "1", "--set", "lr"])
+    assert code == 2 and "OPTION=VALUE" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Convert Fashion-MNIST (IDX or NumPy arrays) into an ImageFolder tree of PNG files.
+
+    python tools/prepare_fashion_mnist.py --out data/fashion_mnist --train-per-class 500 --val-per-class 100
+
+Reads ``train-images-idx3-ubyte.gz`` etc. from ``--source`` (default: where Debian's
+``dataset-fashion-mnist`` package installs them, /usr/share/datasets/fashion-mnist), or explicit
+``--train-images/--train-labels/--val-images/--val-labels`` paths (IDX, gzipped IDX or ``.npy``). Writes
+``<out>/train/<class>/<index>.png`` (from the 60k training set) and ``<out>/val/<class>/<index>.png``
+(from the 10k test set) with the dataset's class names, taking the first N images of each class in file order.
+
+Idempotent: a manifest records the options; a second run with the same options does nothing, with other
+options it rewrites the splits it made. Folders it did not make are never touched.
+"""
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
+FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+         "val_images": "t10k-images-idx3-ubyte.gz", "val_labels": "t10k-labels-idx1-ubyte.gz"}
+# label index -> folder name (the dataset's class names, made file-system safe)
+CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+               "ankle_boot")
+MANIFEST = ".fashion_mnist.json"
+FORMAT_VERSION = 1
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+def read_array(path):
+    """uint8 array from an IDX file (optionally gzipped) or a ``.npy`` file."""
+    if not os.path.isfile(path):
+        raise PrepareError(f"file not found: {path}")
+    if path.endswith(".npy"):
+        return np.load(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise PrepareError(f"cannot read {path}: {err}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise PrepareError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise PrepareError(f"{path}: header says shape {shape} but the file holds {len(data) - header} values")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def load_split(images_path, labels_path):
+    images, labels = read_array(images_path), read_array(labels_path).reshape(-1)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise PrepareError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if len(images) != len(labels):
+        raise PrepareError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
+        raise PrepareError(f"{labels_path}: labels must be in 0..{len(CLASS_NAMES) - 1}")
+    return images, labels.astype(np.int64)
+
+
+def select_per_class(labels, per_class):
+    """Indices of the first ``per_class`` samples of each class (all when None), in file order."""
+    if per_class is None:
+        return np.arange(len(labels))
+    chosen = [np.flatnonzero(labels == label)[:per_class] for label in range(len(CLASS_NAMES))]
+    return np.sort(np.concatenate(chosen))
+
+
+def write_split(root, split, images, labels, indices):
+    """Write one split into a temporary folder, then move it into place."""
+    from PIL import Image
+    final = os.path.join(root, split)
+    temp = os.path.join(root, f".tmp-{split}")
+    shutil.rmtree(temp, ignore_errors=True)
+    for name in CLASS_NAMES:
+        os.makedirs(os.path.join(temp, name))
+    for index in indices:
+        Image.fromarray(images[index], mode="L").save(
+            os.path.join(temp, CLASS_NAMES[labels[index]], f"{index:05d}.png"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temp, final)
+
+
+def resolve_paths(args):
+    paths = {}
+    for key, filename in FILES.items():
+        given = getattr(args, key)
+        paths[key] = given if given else os.path.join(args.source, filename)
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        raise PrepareError(
+            "Fashion-MNIST files not found: " + ", ".join(missing)
+            + f"\nInstall Debian's package (it puts them in {DEFAULT_SOURCE}):  apt-get install dataset-fashion-mnist"
+            "\nor pass --source DIR, or --train-images/--train-labels/--val-images/--val-labels (IDX or .npy).")
+    return paths
+
+
+def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None, paths=None, log=print):
+    """Create (or keep) ``out/train`` and ``out/val``; returns the manifest dict."""
+    args = argparse.Namespace(source=source, **{key: (paths or {}).get(key) for key in FILES})
+    paths = resolve_paths(args)
+    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
+        if value is not None and value < 1:
+            raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    wanted = {"version": FORMAT_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
+              "sources": {key: os.path.abspath(path) for key, path in paths.items()}}
+    manifest_path = os.path.join(out, MANIFEST)
+    old = None
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as handle:
+            old = json.load(handle)
+    if old is None:
+        foreign = [split for split in ("train", "val") if os.path.exists(os.path.join(out, split))]
+        if foreign:
+            raise PrepareError(f"{out} already has {', '.join(foreign)}/ not written by this tool; "
+                               f"choose another --out or remove them")
+    elif {key: old.get(key) for key in wanted} == wanted and all(
+            os.path.isdir(os.path.join(out, split)) for split in ("train", "val")):
+        log(f"{out} is already prepared ({old['counts']['train']} train / {old['counts']['val']} val images)")
+        return old
+    os.makedirs(out, exist_ok=True)
+    counts = {}
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, labels = load_split(paths[f"{split}_images"], paths[f"{split}_labels"])
+        indices = select_per_class(labels, per_class)
+        write_split(out, split, images, labels, indices)
+        counts[split] = int(len(indices))
+        log(f"wrote {len(indices)} images to {os.path.join(out, split)}")
+    manifest = dict(wanted, counts=counts, classes=list(CLASS_NAMES))
+    temp = manifest_path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(temp, manifest_path)
+    return manifest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output root (gets train/ and val/)")
+    parser.add_argument("--source", default=DEFAULT_SOURCE, help="folder with the four IDX .gz files")
+    parser.add_argument("--train-per-class", type=int, default=None, help="first N training images per class")
+    parser.add_argument("--val-per-class", type=int, default=None, help="first N validation images per class")
+    for key in FILES:
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None,
+                            help=f"explicit path instead of <source>/{FILES[key]} (IDX, .gz or .npy)")
+    args = parser.parse_args(argv)
+    try:
+        prepare(args.out, args.source, args.train_per_class, args.val_per_class,
+                {key: getattr(args, key) for key in FILES})
+    except PrepareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
