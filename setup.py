@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="ACmix (On the Integration of Self-Attention and Convolution) for MindSpore",
     python_requires=">=3.9",
-    packages=["acmix_ms", "models", "engine"],
+    packages=["acmix_ms", "acmix_ms.kernels", "models", "engine"],
+    package_data={"acmix_ms.kernels": ["*.cc"]},  # C++ source of the CPU kernels, compiled at first use
     install_requires=["mindspore==2.8.0", "numpy<2", "pyyaml", "pillow"],
     extras_require={
         "test": ["pytest"],

@@ -1,6 +1,6 @@
-"""Sliding-window attention aggregation: the Stage II of ``ACmixLocal``, in two implementations.
+"""Sliding-window attention aggregation: the Stage II of ``ACmixLocal``, in three implementations.
 
-Both take the strided queries and the reflection-padded keys and values of one head stack and return
+All take the strided queries and the reflection-padded keys and values of one head stack and return
 ``sum_p softmax_p(q . k_p) v_p`` over the k*k neighbours p of every output pixel:
 
 - ``UnfoldLocalAttention``: stacks the k*k shifted views (like torch's Unfold) and lets autodiff do the
@@ -8,11 +8,17 @@ Both take the strided queries and the reflection-padded keys and values of one h
   copies of the keys and of the values (official issues #13/#28: out of memory at batch 1).
 - ``LeanLocalAttention``: walks the k*k offsets one at a time, keeping only the (B*N, k*k, H, W)
   attention weights, and has its own backward (``bprop``) that walks the offsets again, so neither pass
-  stores k*k copies of anything d channels wide.
+  stores k*k copies of anything d channels wide (see ``_after`` and ``_scaled`` for what that takes on CPU).
+- ``FusedLocalAttention``: the same algorithm as one fused kernel per pass where the device has one
+  (registered in ``DEVICE_AGGREGATIONS``: the C++ kernels of ``acmix_ms.kernels`` on CPU), else the lean
+  Cell. An Ascend/GPU kernel plugs in with ``register_device_aggregation`` without touching the models.
 
 Shapes: query (BN, d, H', W'); key_pad, value_pad (BN, d, Hp, Wp) with
 Hp >= (H'-1)*stride + (k-1)*dilation + 1. Output (BN, d, H', W').
 """
+import warnings
+
+import mindspore as ms
 from mindspore import nn, ops
 
 from .spatial import neighbourhood_slices
@@ -47,8 +53,30 @@ class LeanLocalAttention(nn.Cell):
         return self.aggregate(query, key_pad, value_pad)[0]
 
 
+def _after(tensor, anchor):
+    """``tensor``, but computed only once ``anchor`` is: keeps the unrolled offsets in order.
+
+    Why: the k*k shifted views (slices, pads) depend only on the inputs, so MindSpore's CPU scheduler runs
+    them all before the accumulation that consumes them and holds k*k of them at once; chaining each to
+    the running sum lets every one be freed before the next is made.
+    """
+    return ops.depend(tensor, anchor)
+
+
+def _scaled(weight, tensor):
+    """weight (BN, 1, H', W') * tensor (BN, C, H', W'), broadcast explicitly, after ``tensor`` exists.
+
+    Why: on the MindSpore 2.8 CPU backend an implicitly broadcasting binary op keeps about four times its
+    output size alive until the graph ends; ``broadcast_to`` then a same-shape product is freed at once.
+    """
+    return ops.broadcast_to(_after(weight, tensor), tensor.shape) * tensor
+
+
 class _LeanAggregation(nn.Cell):
-    """Returns (output, attention weights); the weights are returned so that ``bprop`` gets them for free."""
+    """Returns (output, attention weights); the weights are returned so that ``bprop`` gets them for free.
+
+    Every loop over the offsets is a chain (see ``_after``), so only O(1) tensors d channels wide are alive.
+    """
 
     def __init__(self, kernel_size, stride, dilation):
         super().__init__()
@@ -74,32 +102,106 @@ class _LeanAggregation(nn.Cell):
         span_h, span_w = values.shape[2], values.shape[3]
         return ops.pad(values, (left, padded_w - span_w - left, top, padded_h - span_h - top))
 
+    def _correlate(self, dense, padded, h_out, w_out):
+        """(BN, k*k, H', W'): channel sums of ``dense`` (BN, C, H', W') times each view of ``padded``."""
+        products = [(dense * self._view(padded, 0, h_out, w_out)).sum(1)]
+        for p in range(1, self.kernel_size * self.kernel_size):
+            products.append((dense * self._view(_after(padded, products[-1]), p, h_out, w_out)).sum(1))
+        return ops.stack(products, 1)
+
+    def _gather(self, weights, padded, h_out, w_out):
+        """(BN, C, H', W'): sum over p of weights[:, p] times view p of ``padded``."""
+        out = _scaled(weights[:, 0:1], self._view(padded, 0, h_out, w_out))
+        for p in range(1, self.kernel_size * self.kernel_size):
+            out = out + _scaled(weights[:, p:p + 1], self._view(_after(padded, out), p, h_out, w_out))
+        return out
+
+    def _scatter(self, weights, dense, padded_h, padded_w):
+        """Adjoint of ``_gather`` w.r.t. ``padded``: (BN, C, Hp, Wp) = sum over p of place_p(weights[:, p] * dense)."""
+        grad = self._place(_scaled(weights[:, 0:1], dense), 0, padded_h, padded_w)
+        for p in range(1, self.kernel_size * self.kernel_size):
+            grad = grad + self._place(_scaled(weights[:, p:p + 1], _after(dense, grad)), p, padded_h, padded_w)
+        return grad
+
     def construct(self, query, key_pad, value_pad):
         h_out, w_out = query.shape[2], query.shape[3]
-        k2 = self.kernel_size * self.kernel_size
-        logits = ops.stack([(query * self._view(key_pad, p, h_out, w_out)).sum(1) for p in range(k2)], 1)
-        weights = ops.softmax(logits, 1)  # (BN, k*k, H', W')
-        out = weights[:, 0:1] * self._view(value_pad, 0, h_out, w_out)
-        for p in range(1, k2):
-            out = out + weights[:, p:p + 1] * self._view(value_pad, p, h_out, w_out)
-        return out, weights
+        weights = ops.softmax(self._correlate(query, key_pad, h_out, w_out), 1)  # (BN, k*k, H', W')
+        return self._gather(weights, value_pad, h_out, w_out), weights
 
     def bprop(self, query, key_pad, value_pad, out, dout):
         weights, grad_out = out[1], dout[0]
         h_out, w_out = query.shape[2], query.shape[3]
         padded_h, padded_w = key_pad.shape[2], key_pad.shape[3]
-        k2 = self.kernel_size * self.kernel_size
         # d loss / d weights, then through the softmax: dL = A * (dA - sum_p A_p dA_p)
-        grad_weights = ops.stack([(grad_out * self._view(value_pad, p, h_out, w_out)).sum(1) for p in range(k2)], 1)
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(1, keepdims=True))
-        grad_query = grad_logits[:, 0:1] * self._view(key_pad, 0, h_out, w_out)
-        grad_key = self._place(grad_logits[:, 0:1] * query, 0, padded_h, padded_w)
-        grad_value = self._place(weights[:, 0:1] * grad_out, 0, padded_h, padded_w)
-        for p in range(1, k2):
-            grad_query = grad_query + grad_logits[:, p:p + 1] * self._view(key_pad, p, h_out, w_out)
-            grad_key = grad_key + self._place(grad_logits[:, p:p + 1] * query, p, padded_h, padded_w)
-            grad_value = grad_value + self._place(weights[:, p:p + 1] * grad_out, p, padded_h, padded_w)
+        grad_weights = self._correlate(grad_out, value_pad, h_out, w_out)
+        total = ops.broadcast_to((weights * grad_weights).sum(1, keepdims=True), weights.shape)
+        grad_logits = weights * (grad_weights - total)
+        grad_query = self._gather(grad_logits, key_pad, h_out, w_out)
+        grad_key = self._scatter(grad_logits, query, padded_h, padded_w)
+        grad_value = self._scatter(weights, _after(grad_out, grad_key), padded_h, padded_w)
         return grad_query, grad_key, grad_value
 
 
-LOCAL_ATTENTION_IMPLS = {"unfold": UnfoldLocalAttention, "lean": LeanLocalAttention}
+def _cpu_aggregation(kernel_size, stride, dilation):
+    from .kernels.local_attention_cpu import CpuLocalAggregation  # compiles the C++ at first use
+    return CpuLocalAggregation(kernel_size, stride, dilation)
+
+
+# device_target -> (factory(kernel_size, stride, dilation) -> Cell (q, k_pad, v_pad) -> (out, weights) with its
+# own bprop, dtypes the kernel accepts (others are cast to the first one))
+DEVICE_AGGREGATIONS = {"CPU": (_cpu_aggregation, (ms.float32,))}
+
+
+def register_device_aggregation(device_target, factory, dtypes):
+    """Use ``factory`` for ``FusedLocalAttention`` on ``device_target`` ('CPU', 'GPU' or 'Ascend').
+
+    ``factory(kernel_size, stride, dilation)`` returns a Cell mapping (query, key_pad, value_pad) to
+    (output, attention weights) like ``_LeanAggregation``; ``dtypes``: the tensor dtypes it accepts.
+    """
+    allowed = ("CPU", "GPU", "Ascend")
+    if device_target not in allowed:
+        raise ValueError(f"device_target must be one of {allowed}, got {device_target!r}")
+    if not callable(factory):
+        raise ValueError(f"factory must be callable, got {factory!r}")
+    if not dtypes:
+        raise ValueError("dtypes must name at least one dtype the kernel accepts")
+    DEVICE_AGGREGATIONS[device_target] = (factory, tuple(dtypes))
+
+
+class FusedLocalAttention(nn.Cell):
+    """The device's fused kernel when one is registered for it, else ``LeanLocalAttention``'s Cell.
+
+    Args:
+        kernel_size, stride, dilation: as the other implementations.
+        device_target: the device whose kernel to use; None: the context's ``device_target``.
+
+    ``self.backend`` names what runs: the device target of the kernel, or ``'lean'``. A kernel that fails
+    to build (e.g. no C++ compiler) falls back to ``'lean'`` with a warning.
+    """
+
+    def __init__(self, kernel_size, stride=1, dilation=1, device_target=None):
+        super().__init__()
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        device_target = device_target or ms.get_context("device_target")
+        self.backend, self.dtypes, self.aggregate = "lean", (), None
+        if device_target in DEVICE_AGGREGATIONS:
+            factory, dtypes = DEVICE_AGGREGATIONS[device_target]
+            try:
+                self.aggregate = factory(kernel_size, stride, dilation)
+                self.backend, self.dtypes = device_target, dtypes
+            except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+                warnings.warn(f"FusedLocalAttention: no {device_target} kernel ({error}); using the lean Cell")
+        if self.aggregate is None:
+            self.aggregate = _LeanAggregation(kernel_size, stride, dilation)
+
+    def construct(self, query, key_pad, value_pad):
+        dtype = query.dtype
+        if self.dtypes and dtype not in self.dtypes:
+            kernel_dtype = self.dtypes[0]
+            out = self.aggregate(query.astype(kernel_dtype), key_pad.astype(kernel_dtype),
+                                 value_pad.astype(kernel_dtype))[0]
+            return out.astype(dtype)
+        return self.aggregate(query, key_pad, value_pad)[0]
+
+
+LOCAL_ATTENTION_IMPLS = {"unfold": UnfoldLocalAttention, "lean": LeanLocalAttention, "fused": FusedLocalAttention}

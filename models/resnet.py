@@ -38,6 +38,7 @@ EXPANSION = 4
 ACMIX_DEFAULTS = {
     "kernel_att": 7, "num_heads": 4, "kernel_conv": 3, "dilation": 1, "qkv_bias": True, "fc_bias": False,
     "shift_impl": "learnable", "rate_mode": "learnable", "rates": (0.5, 0.5), "official_init": False,
+    "attention_impl": "unfold",
 }
 STRUCTURE_DEFAULTS = {"layers": (3, 4, 6, 3), "base_width": 64, "stem": "imagenet", "drop_path_rate": 0.0,
                       "out_indices": None}
@@ -97,7 +98,7 @@ class ResNet(StagedBackbone):
         base_width: stem width and width of layer1 (stage i has ``base_width * 2**i`` inner channels).
         stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3/1 conv, no pool).
         acmix: None (plain 3x3 conv2) or a dict of ``ACmixLocal`` options (kernel_att, num_heads,
-            kernel_conv, dilation, qkv_bias, fc_bias, shift_impl, rate_mode, rates) for every conv2.
+            kernel_conv, dilation, qkv_bias, fc_bias, shift_impl, rate_mode, rates, attention_impl) for every conv2.
         drop_path_rate: stochastic depth of the last block; rises linearly from 0 over the blocks.
         official_init: re-initialise the ACmix ``dep_conv`` with Kaiming normal like the official code
             (losing the shift init); only with ``shift_impl`` 'learnable' or 'random'.

@@ -1,11 +1,19 @@
-"""The lean (offset-by-offset, hand-written backward) local attention equals the unfold reference,
-forward and gradients, for strides, dilations and odd sizes (issue 7)."""
+"""The lean (offset-by-offset, hand-written backward) and fused (C++ kernel on CPU) local attention equal the
+unfold reference, forward and gradients, for strides, dilations and odd sizes (issue 7); the per-device
+kernel registry and its fallbacks behave as documented."""
+import warnings
+
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from acmix_ms.local_attention import LeanLocalAttention, UnfoldLocalAttention
+from acmix_ms import ACmixLocal
+from acmix_ms import local_attention
+from acmix_ms.local_attention import (LOCAL_ATTENTION_IMPLS, FusedLocalAttention,
+                                      UnfoldLocalAttention, register_device_aggregation)
+
+ON_CPU = ms.get_context("device_target") == "CPU"
 
 
 class _Objective(nn.Cell):
@@ -21,20 +29,125 @@ class _Objective(nn.Cell):
         return (out * self.probe).sum()
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,size", [(3, 1, 1, 7), (5, 2, 1, 11), (3, 2, 2, 10)])
-def test_lean_matches_unfold_forward_and_gradients(kernel, stride, dilation, size):
-    rng = np.random.RandomState(kernel * 10 + stride)
-    out_h = (size + stride - 1) // stride
-    query = Tensor(rng.randn(3, 4, out_h, out_h).astype(np.float32))
-    key, value = (Tensor(rng.randn(3, 4, size, size).astype(np.float32)) for _ in range(2))
-    probe = Tensor(rng.randn(3, 4, out_h, out_h).astype(np.float32))
-    pad = dilation * (kernel - 1) // 2
-    results = []
-    for impl in (UnfoldLocalAttention, LeanLocalAttention):
-        objective = _Objective(impl(kernel, stride, dilation), pad, probe)
-        value_and_grad = ms.value_and_grad(objective, grad_position=(0, 1, 2))
-        loss, grads = value_and_grad(query, key, value)
-        results.append([loss.asnumpy()] + [g.asnumpy() for g in grads])
-    for reference, lean in zip(*results):
-        np.testing.assert_allclose(lean, reference, rtol=1e-4, atol=1e-5)
-    assert np.abs(results[0][2]).max() > 0  # the key gradient is not trivially zero
+def _loss_and_grads(attention, kernel, stride, dilation, size, seed, batch_heads=3, dim=4, width=None):
+    rng = np.random.RandomState(seed)
+    width = width or size
+    out_h, out_w = (size + stride - 1) // stride, (width + stride - 1) // stride
+    query = Tensor(rng.randn(batch_heads, dim, out_h, out_w).astype(np.float32))
+    key, value = (Tensor(rng.randn(batch_heads, dim, size, width).astype(np.float32)) for _ in range(2))
+    probe = Tensor(rng.randn(batch_heads, dim, out_h, out_w).astype(np.float32))
+    objective = _Objective(attention, dilation * (kernel - 1) // 2, probe)
+    loss, grads = ms.value_and_grad(objective, grad_position=(0, 1, 2))(query, key, value)
+    return [loss.asnumpy()] + [g.asnumpy() for g in grads]
+
+
+# (kernel, stride, dilation, height, width): stride 2 with odd and even sizes, dilation 2, non-square, k=7
+GEOMETRIES = [(3, 1, 1, 7, 7), (5, 2, 1, 11, 11), (3, 2, 2, 10, 10), (7, 1, 1, 9, 12), (3, 3, 1, 8, 7)]
+
+
+@pytest.mark.parametrize("impl", ["lean", "fused"])
+@pytest.mark.parametrize("kernel,stride,dilation,height,width", GEOMETRIES)
+def test_matches_unfold_forward_and_gradients(impl, kernel, stride, dilation, height, width):
+    seed = kernel * 10 + stride
+    reference = _loss_and_grads(UnfoldLocalAttention(kernel, stride, dilation), kernel, stride, dilation, height,
+                                seed, width=width)
+    result = _loss_and_grads(LOCAL_ATTENTION_IMPLS[impl](kernel, stride, dilation), kernel, stride, dilation,
+                             height, seed, width=width)
+    for ours, expected in zip(result, reference):
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(reference[2]).max() > 0  # the key gradient is not trivially zero
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ kernel is the CPU backend's")
+def test_fused_runs_the_cpu_kernel_on_cpu():
+    attention = FusedLocalAttention(3)
+    assert attention.backend == "CPU"
+    assert type(attention.aggregate).__name__ == "CpuLocalAggregation"
+
+
+def test_fused_falls_back_to_lean_without_a_device_kernel():
+    attention = FusedLocalAttention(3, device_target="GPU")  # no GPU kernel registered
+    assert attention.backend == "lean"
+    assert isinstance(attention.aggregate, local_attention._LeanAggregation)
+
+
+def test_fused_falls_back_with_a_warning_when_the_kernel_cannot_be_built(monkeypatch):
+    def broken_factory(kernel_size, stride, dilation):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setitem(local_attention.DEVICE_AGGREGATIONS, "CPU", (broken_factory, (ms.float32,)))
+    with pytest.warns(UserWarning, match="no compiler"):
+        attention = FusedLocalAttention(3, device_target="CPU")
+    assert attention.backend == "lean"
+
+
+def test_registered_device_kernel_is_used(monkeypatch):
+    monkeypatch.setattr(local_attention, "DEVICE_AGGREGATIONS", dict(local_attention.DEVICE_AGGREGATIONS))
+    register_device_aggregation("Ascend", local_attention._LeanAggregation, (ms.float16,))
+    attention = FusedLocalAttention(5, 2, 1, device_target="Ascend")
+    assert attention.backend == "Ascend" and attention.dtypes == (ms.float16,)
+    assert attention.aggregate.kernel_size == 5 and attention.aggregate.stride == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(device_target="TPU", factory=local_attention._LeanAggregation, dtypes=(ms.float32,)), "device_target"),
+    (dict(device_target="GPU", factory="lean", dtypes=(ms.float32,)), "factory"),
+    (dict(device_target="GPU", factory=local_attention._LeanAggregation, dtypes=()), "dtypes"),
+])
+def test_register_device_aggregation_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        register_device_aggregation(**kwargs)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the float32-only C++ kernel is the CPU backend's")
+def test_fused_casts_other_dtypes_for_a_float32_kernel():
+    rng = np.random.RandomState(0)
+    query = rng.randn(2, 4, 5, 5).astype(np.float16)
+    key_pad, value_pad = (rng.randn(2, 4, 7, 7).astype(np.float16) for _ in range(2))
+    out = FusedLocalAttention(3)(Tensor(query), Tensor(key_pad), Tensor(value_pad))
+    expected = UnfoldLocalAttention(3)(*(Tensor(a.astype(np.float32)) for a in (query, key_pad, value_pad)))
+    assert out.dtype == ms.float16
+    np.testing.assert_allclose(out.asnumpy().astype(np.float32), expected.asnumpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_acmix_local_fused_equals_unfold_layer():
+    """The whole layer (projections, positional term, reflection pad, mixing) with the same weights."""
+    rng = np.random.RandomState(3)
+    layers = {impl: ACmixLocal(4, 8, kernel_att=5, num_heads=2, stride=2, attention_impl=impl)
+              for impl in ("unfold", "fused")}
+    values = {name: rng.randn(*p.shape).astype(np.float32) for name, p in layers["unfold"].parameters_and_names()}
+    for layer in layers.values():
+        for name, param in layer.parameters_and_names():
+            param.set_data(Tensor(values[name]))
+    x = Tensor(rng.randn(2, 4, 9, 8).astype(np.float32))
+    np.testing.assert_allclose(layers["fused"](x).asnumpy(), layers["unfold"](x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_kernel_works_in_pynative_mode():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        reference = _loss_and_grads(UnfoldLocalAttention(3), 3, 1, 1, 6, seed=5)
+        result = _loss_and_grads(FusedLocalAttention(3), 3, 1, 1, 6, seed=5)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    for ours, expected in zip(result, reference):
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_build_is_cached(tmp_path, monkeypatch):
+    from acmix_ms.kernels.build import compiled_library
+    monkeypatch.setenv("ACMIX_MS_KERNEL_CACHE", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = compiled_library("local_attention_cpu.cc")
+    assert first.parent == tmp_path and first.is_file()
+    mtime = first.stat().st_mtime_ns
+    assert compiled_library("local_attention_cpu.cc") == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_kernel_build_reports_a_missing_compiler(monkeypatch):
+    from acmix_ms.kernels.build import KernelBuildError, compiled_library
+    monkeypatch.setenv("CXX", "no-such-compiler-acmix")
+    with pytest.raises(KernelBuildError, match="no-such-compiler-acmix"):
+        compiled_library("local_attention_cpu.cc")

@@ -274,3 +274,9 @@ def test_full_size_resnet26_acmix_forward_224():
     net.set_train(False)
     logits = net(random_images(1, 3, 224)).asnumpy()
     assert logits.shape == (1, 1000) and np.all(np.isfinite(logits))
+
+
+def test_attention_impl_override_reaches_every_block():
+    net = models.create_model("resnet_tiny_acmix", num_classes=10, attention_impl="lean")
+    impls = {type(cell.aggregate).__name__ for cell in conv2_cells(net)}
+    assert impls == {"LeanLocalAttention"}

@@ -1,0 +1,58 @@
+"""Compile the C++ kernels of this package into shared libraries at first use, cached on disk.
+
+The library name carries a hash of the source, the compiler and the flags, so an edited source or another
+compiler gives a new file and stale libraries are never loaded. Compilation writes to a temporary name
+and renames it into place, so processes started together (e.g. by msrun) do not see half-written files.
+Cache directory: ``$ACMIX_MS_KERNEL_CACHE`` if set, else ``~/.cache/acmix_ms/kernels``.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+KERNEL_SOURCE_DIR = Path(__file__).resolve().parent
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler is missing or failed."""
+
+
+def cache_dir():
+    return Path(os.environ.get("ACMIX_MS_KERNEL_CACHE") or Path.home() / ".cache" / "acmix_ms" / "kernels")
+
+
+def _compiler():
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"C++ compiler {compiler!r} not found (set CXX to choose another)")
+    return compiler
+
+
+def compiled_library(source_name):
+    """Path of the shared library built from ``KERNEL_SOURCE_DIR/source_name`` (compiled if not cached)."""
+    source = KERNEL_SOURCE_DIR / source_name
+    if not source.is_file():
+        raise KernelBuildError(f"kernel source {source} does not exist")
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256(source.read_bytes())
+    digest.update(" ".join([compiler, *version, *CXX_FLAGS]).encode())
+    target_dir = cache_dir()
+    target = target_dir / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix=".so", prefix=f".{source.stem}-", dir=target_dir)
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *CXX_FLAGS, "-o", partial, str(source)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBuildError(f"compiling {source} failed:\n{result.stderr.strip()}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
