@@ -1,0 +1,208 @@
+"""MINDIR inference benchmark: exported files (``ms.load`` + ``nn.GraphCell``, the deployment path) side by
+side with the in-process network.
+
+For every model, batch size and image size, two fresh subprocesses:
+  1. ``network``: build the model, time its inference as ``benchmarks/bench_models.py`` does, then export
+     it with ``ms.export(..., file_format='MINDIR')`` for that fixed input shape and save its output on a
+     fixed random batch;
+  2. ``mindir``: load the file into an ``nn.GraphCell`` (no Python model code involved), time it on the
+     same batch, and compare its output with the network's (max |difference|).
+
+Reported: img/s and latency of both, their ratio, peak RSS of each process, file size, max |diff|, and
+the ACmix / baseline ratios when pairs were measured (baselines are added as in bench_models.py).
+
+    python benchmarks/bench_mindir.py --models resnet26_acmix --batch_sizes 1 8 --image_sizes 224 \
+        --out docs/benchmarks_mindir.md
+    python benchmarks/bench_mindir.py --quick
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_models import (QUICK, ModelSpec, _escape, _fmt, _ms, build_model, expand_specs,  # noqa: E402
+                                     find_pairs, images_per_second, pair_table, parse_assignments, random_batch,
+                                     run_worker, set_graph_mode, timed, worker_main, write_text)
+from benchmarks.common import environment, environment_markdown  # noqa: E402
+
+MODES = ("network", "mindir")
+
+
+def measure(task):
+    """One side of one configuration in this process (``task['mode']`` is 'network' or 'mindir')."""
+    import numpy as np
+    import mindspore as ms
+    device = set_graph_mode(task.get("device_target"))
+    images, _ = random_batch(task["batch"], task["image_size"], task["in_chans"])
+    timing = (task["warmup"], task["repeats"], task["max_seconds"])
+    if task["mode"] == "network":
+        from models.profile import count_params
+        model = build_model(ModelSpec(task["model"], task["overrides"]), task["image_size"], task["num_classes"],
+                            task["in_chans"])
+        model.set_train(False)
+        result = timed(model, (images,), *timing)
+        result["params"] = count_params(model)
+        np.save(task["reference"], model(images).asnumpy())
+        base = task["mindir"][:-len(".mindir")]
+        ms.export(model, images, file_name=base, file_format="MINDIR")
+        result["file_mib"] = os.path.getsize(task["mindir"]) / 2 ** 20
+    elif task["mode"] == "mindir":
+        graph = ms.nn.GraphCell(ms.load(task["mindir"]))
+        result = timed(graph, (images,), *timing)
+        output = graph(images).asnumpy()
+        reference = np.load(task["reference"])
+        if output.shape != reference.shape:
+            raise ValueError(f"MINDIR output shape {output.shape} differs from the network's {reference.shape}")
+        result["max_abs_diff"] = float(np.abs(output.astype(np.float64) - reference).max())
+        result["reference_max_abs"] = float(np.abs(reference).max())
+    else:
+        raise ValueError(f"mode={task['mode']!r} is not supported; allowed values: {MODES}")
+    result["device_target"] = device
+    return result
+
+
+def side_by_side_table(specs, configs, results):
+    lines = ["| model | overrides | batch | image | network img/s | network latency ms | MINDIR img/s "
+             "| MINDIR latency ms | MINDIR / network | max abs diff | peak RSS MiB network / MINDIR | file MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        for batch, size in configs:
+            net, graph = results[(spec, batch, size, "network")], results.get((spec, batch, size, "mindir"))
+            cells = [spec.name, _escape(spec.overrides_text) or "—", str(batch), str(size)]
+            problem = net.get("error") or (graph or {}).get("error")
+            if problem:
+                side = "network" if "error" in net else "MINDIR"
+                lines.append("| " + " | ".join(cells + [f"{side} error: {_escape(problem)}"] + [""] * 7) + " |")
+                continue
+            net_speed, graph_speed = images_per_second(net, batch), images_per_second(graph, batch)
+            cells += [f"{net_speed:.1f}", _ms(net["stats"]), f"{graph_speed:.1f}", _ms(graph["stats"]),
+                      f"{graph_speed / net_speed:.2f}x", f"{graph['max_abs_diff']:.1e}",
+                      f"{net['peak_rss_mib']:.0f} / {graph['peak_rss_mib']:.0f}", _fmt(net["file_mib"], 1)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="model specs: name or name:key=value,...")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="constructor overrides applied to every model (YAML values)")
+    parser.add_argument("--no_baselines", action="store_true", help="do not add the baselines of ACmix models")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--image_sizes", type=int, nargs="+", default=[224])
+    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--in_chans", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--max_seconds", type=float, default=30.0)
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per worker subprocess")
+    parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
+    parser.add_argument("--export_dir", default=None,
+                        help="keep the MINDIR files here (default: a temporary folder, deleted afterwards)")
+    parser.add_argument("--quick", action="store_true", help="resnet_tiny_acmix + baseline, batch 2, 32 px, 1 call")
+    parser.add_argument("--dry_run", action="store_true", help="print the configurations and exit")
+    parser.add_argument("--out", default=None, help="write the markdown report here")
+    parser.add_argument("--json", default=None, help="write the raw results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return args
+    if args.quick:
+        for key, value in QUICK.items():
+            if key != "models" or args.models is None:
+                setattr(args, key, value)
+    if args.models is None:
+        parser.error("--models is required (or --quick)")
+    for name in ("batch_sizes", "image_sizes"):
+        if any(v < 1 for v in getattr(args, name)):
+            raise ValueError(f"--{name} must be positive integers, got {getattr(args, name)}")
+    if args.warmup < 1 or args.repeats < 1 or args.max_seconds <= 0:
+        raise ValueError("--warmup and --repeats must be >= 1 and --max_seconds > 0")
+    return args
+
+
+def _file_stem(index, spec, batch, size):
+    """A file name MindSpore accepts (letters, digits, _-.): the overrides are replaced by the spec's index."""
+    return f"{index:02d}_{spec.name}_b{batch}_{size}px"
+
+
+def _log(spec, batch, size, mode, result):
+    text = result["error"] if "error" in result else (
+        f"{images_per_second(result, batch):.1f} img/s, {_ms(result['stats'])} ms, peak RSS "
+        f"{result['peak_rss_mib']:.0f} MiB")
+    print(f"{spec.label} batch {batch} {size} px {mode}: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker is not None:
+        return worker_main(args.worker, measure)
+    common = parse_assignments(args.override, "--override")
+    specs = [ModelSpec.parse(text) for text in args.models]
+    specs = expand_specs([ModelSpec(s.name, {**common, **s.overrides}) for s in specs],
+                         add_baselines=not args.no_baselines)
+    configs = [(batch, size) for size in args.image_sizes for batch in args.batch_sizes]
+    if args.dry_run:
+        for spec in specs:
+            for batch, size in configs:
+                print(f"{spec.label}\tbatch {batch}\t{size} px\tnetwork + MINDIR")
+        return 0
+    env = environment(args.device_target)
+    folder = args.export_dir or tempfile.mkdtemp(prefix="bench-mindir-")
+    os.makedirs(folder, exist_ok=True)
+    script = Path(__file__).resolve()
+    results = {}
+    try:
+        for index, spec in enumerate(specs):
+            for batch, size in configs:
+                stem = os.path.join(os.path.abspath(folder), _file_stem(index, spec, batch, size))
+                task = {"model": spec.name, "overrides": spec.overrides, "batch": batch, "image_size": size,
+                        "num_classes": args.num_classes, "in_chans": args.in_chans, "warmup": args.warmup,
+                        "repeats": args.repeats, "max_seconds": args.max_seconds,
+                        "device_target": args.device_target, "mindir": stem + ".mindir",
+                        "reference": stem + ".reference.npy"}
+                for mode in MODES:
+                    result = run_worker(script, dict(task, mode=mode), args.timeout)
+                    results[(spec, batch, size, mode)] = result
+                    _log(spec, batch, size, mode, result)
+                    if "error" in result:
+                        break
+    finally:
+        if args.export_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    env_after = environment(args.device_target)
+    sections = ["## Setup", "",
+                f"Generated by `benchmarks/bench_mindir.py`: graph mode, float32; per configuration one subprocess "
+                f"times the network (then exports it to MINDIR for that input shape) and a second one times the "
+                f"file loaded with `ms.load` + `nn.GraphCell`; {args.warmup} warm-up call(s), then up to "
+                f"{args.repeats} timed calls (stopping after {args.max_seconds:g} s of timed calls, at least "
+                f"{min(3, args.repeats)}); latency = median [p25–p75] ms; max abs diff = the largest |MINDIR − "
+                "network| output difference on the same random batch.", "", environment_markdown(env),
+                f"- Load average (1/5/15 min) when the run ended: "
+                f"{', '.join(f'{v:.2f}' for v in env_after['load_average'])}", "",
+                "## Network vs exported MINDIR", "", side_by_side_table(specs, configs, results), ""]
+    pairs = find_pairs(specs)
+    if pairs:
+        sections += ["## ACmix vs baseline (same run)", "", "Ratios of medians (> 1: ACmix faster / larger).", "",
+                     pair_table(pairs, results, configs, MODES), ""]
+    text = "\n".join(sections)
+    print(text)
+    if args.out:
+        write_text(args.out, "# MINDIR inference benchmark\n\n" + text)
+    if args.json:
+        rows = [{"model": s.name, "overrides": s.overrides, "batch": b, "image_size": z, "mode": m, **r}
+                for (s, b, z, m), r in results.items()]
+        write_text(args.json, json.dumps({"environment": env, "results": rows}, indent=1))
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

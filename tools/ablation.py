@@ -1,0 +1,332 @@
+"""Paper Tables 6 and 7 at small scale: train one small ACmix network per rate mode and per shift
+implementation on the Fashion-MNIST demo data with the same budget, and tabulate accuracy and speed.
+
+Every variant is trained by the project's engine (``engine.trainer.Trainer``, the code behind train.py)
+from the demo recipe (``configs/demo_fashion_mnist.yaml``) with the family's recipe changes below, the
+same data, seed, epochs and batch size; only the model options differ. Variants:
+
+  rate modes (Table 6):  learnable (rates learned, init 0.5/0.5; the paper's ACmix), fixed_1_1 (F_att + F_conv),
+                         attention (attention path only = the Swin / SASA baseline), conv (ACmix conv path only),
+                         conv_baseline (the family's plain convolutional network: Conv-Swin's 3x3 conv mixer /
+                         resnet_tiny);
+  shift implementations (Table 7, learnable rates): shift_tensor, shift_fixed, shift_random
+                         (``learnable`` above is the group conv with shift initialisation, "Full").
+
+Reported per variant: trainable parameters, final and best validation top-1, final validation loss, the
+engine's training throughput (img/s, first step of each epoch excluded) and inference throughput of the
+trained network (graph mode, ``--eval_batch_size`` images, median of timed calls). Each variant writes
+``<output_dir>/<variant>_seed<s>/ablation.json`` beside the engine's checkpoints and logs; the table is
+rebuilt from every result of the same budget found there, so variants can be trained in several runs.
+
+    python tools/ablation.py --out docs/ablation.md                   # all variants, default budget
+    python tools/ablation.py --variants learnable fixed_1_1 attention conv conv_baseline --out docs/ablation.md
+    python tools/ablation.py --table_only --out docs/ablation.md      # the table of what was trained
+    python tools/ablation.py --quick                                   # tiny budget (smoke test)
+    python tools/ablation.py --family resnet ...                      # resnet_tiny_acmix instead of Swin
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEMO_CONFIG = ROOT / "configs" / "demo_fashion_mnist.yaml"
+RESULT_FILE = "ablation.json"
+
+# A small Swin for 32 px inputs: patch 2 -> 16x16 tokens, windows of 4 (shifted by 2), stages 16/8/4 px.
+SWIN_DEMO = dict(img_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=4)
+FAMILIES = {
+    "swin": {"acmix": "swin_tiny_acmix", "conv_baseline": "swin_tiny_conv", "overrides": SWIN_DEMO,
+             # AdamW as Swin's recipe; lr for batch 64
+             "recipe": {"opt": "adamw", "lr": 1e-3, "weight_decay": 0.05, "clip_grad_norm": 5.0,
+                        "drop_path_rate": 0.1}},
+    "resnet": {"acmix": "resnet_tiny_acmix", "conv_baseline": "resnet_tiny", "overrides": {}, "recipe": {}},
+}
+# variant -> (group, description, model key in the family, ACmix overrides)
+VARIANTS = {
+    "learnable": ("rate", "learnable rates (ACmix)", "acmix", {}),
+    "fixed_1_1": ("rate", "fixed rates 1, 1 (F_att + F_conv)", "acmix", {"rate_mode": "fixed", "rates": [1.0, 1.0]}),
+    "attention": ("rate", "attention path only", "acmix", {"rate_mode": "attention"}),
+    "conv": ("rate", "ACmix conv path only", "acmix", {"rate_mode": "conv"}),
+    "conv_baseline": ("rate", "plain convolution network", "conv_baseline", {}),
+    "shift_tensor": ("shift", "tensor shifts (Fig. 3a)", "acmix", {"shift_impl": "tensor"}),
+    "shift_fixed": ("shift", "fixed shift kernels (Fig. 3c.I)", "acmix", {"shift_impl": "fixed"}),
+    "shift_random": ("shift", "learnable, random init (w/o init)", "acmix", {"shift_impl": "random"}),
+}
+# the learnable variant is the shift table's "group conv (full)" row as well
+SHIFT_ROWS = ("shift_tensor", "shift_fixed", "shift_random", "learnable")
+BUDGET = dict(train_per_class=250, val_per_class=100, epochs=2, batch_size=64)
+QUICK_BUDGET = dict(train_per_class=20, val_per_class=10, epochs=1, batch_size=32)
+
+
+def variant_model(family, variant, shape_overrides=None):
+    """(model name, constructor overrides) of a variant; ``shape_overrides`` change the family's shape."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not supported; allowed values: {tuple(FAMILIES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not supported; allowed values: {tuple(VARIANTS)}")
+    spec = FAMILIES[family]
+    _, _, model_key, extra = VARIANTS[variant]
+    overrides = dict(spec["overrides"], **(shape_overrides or {}))
+    if model_key == "acmix":
+        overrides.update(extra)
+    return spec[model_key], overrides
+
+
+def budget_of(args):
+    """What must be equal for results to share a table: data, epochs, batch, model shape."""
+    return {"family": args.family, "train_per_class": args.train_per_class, "val_per_class": args.val_per_class,
+            "epochs": args.epochs, "batch_size": args.batch_size, "image_size": 32, "shape": args.shape}
+
+
+def run_config(args, variant, seed, data_dir, output_dir):
+    """The engine Config of one variant: demo recipe + family recipe + budget + the variant's model."""
+    from engine.config import build_config, read_yaml
+    model, overrides = variant_model(args.family, variant, args.shape)
+    values = read_yaml(str(DEMO_CONFIG))
+    values.update(FAMILIES[args.family]["recipe"])
+    values.update(model=model, model_overrides=overrides, data_dir=data_dir, output_dir=output_dir, seed=seed,
+                  epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                  warmup_epochs=min(1.0, args.epochs / 3), log_interval=args.log_interval,
+                  num_workers=args.num_workers, device_target=args.device_target, plot=False)
+    return build_config(file_values=values, file_source=str(DEMO_CONFIG))
+
+
+def inference_speed(network, batch, image_size, in_chans, warmup=1, repeats=5):
+    """Median img/s of ``network`` in inference mode on a random (batch, in_chans, S, S) input."""
+    import numpy as np
+    import mindspore as ms
+    from benchmarks.common import summarize, time_calls
+    network.set_train(False)
+    images = ms.Tensor(np.random.default_rng(0).standard_normal((batch, in_chans, image_size, image_size))
+                       .astype(np.float32))
+    stats = summarize(time_calls(network, (images,), warmup, repeats))
+    return batch / stats["median"], stats
+
+
+def _child_argv(args, variant, seed):
+    """Command line of the subprocess that trains one variant with this run's options."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--family", args.family, "--variants", variant,
+            "--seeds", str(seed), "--data_dir", args.data_dir, "--output_dir", args.output_dir]
+    for name in ("train_per_class", "val_per_class", "epochs", "batch_size", "eval_batch_size", "num_workers",
+                 "log_interval"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    if args.override:
+        argv += ["--override", *args.override]
+    if args.device_target:
+        argv += ["--device_target", args.device_target]
+    return argv + ["--child_of", args.command]
+
+
+def train_in_subprocess(args, variant, seed):
+    """Train one variant in a fresh process (memory and graph caches do not pile up); returns its result."""
+    folder = os.path.join(args.output_dir, f"{variant}_seed{seed}")
+    done = subprocess.run(_child_argv(args, variant, seed), cwd=os.getcwd())
+    path = os.path.join(folder, RESULT_FILE)
+    if done.returncode != 0 or not os.path.isfile(path):
+        raise SystemExit(f"error: training variant {variant} (seed {seed}) failed with exit code {done.returncode}; "
+                         f"see {folder}/train.log")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def train_variant(args, variant, seed, data_dir):
+    """Train one variant with the engine in this process; writes and returns its result dict."""
+    from engine.trainer import Trainer
+    folder = os.path.join(args.output_dir, f"{variant}_seed{seed}")
+    if os.path.isdir(folder):
+        made_here = os.path.isfile(os.path.join(folder, RESULT_FILE)) or os.path.isfile(
+            os.path.join(folder, "train.log"))
+        if not made_here:
+            raise SystemExit(f"error: {folder} exists and was not written by this tool; choose another --output_dir")
+        shutil.rmtree(folder)  # a fresh run: the engine appends to metrics.jsonl
+    cfg = run_config(args, variant, seed, data_dir, folder)
+    load = [round(v, 2) for v in os.getloadavg()]
+    start = time.time()
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    images_per_s, stats = inference_speed(trainer.network, cfg.eval_batch_size, cfg.image_size, cfg.in_chans)
+    last = summary["last_val"] or {}
+    result = {"variant": variant, "seed": seed, "model": cfg.model, "model_overrides": cfg.model_overrides,
+              "budget": budget_of(args), "params": trainer.param_count, "val_top1": last.get("top1"),
+              "val_loss": last.get("loss"), "best_top1": summary["best_top1"],
+              "train_images_per_s": summary["images_per_s"], "inference_images_per_s": images_per_s,
+              "inference_batch": cfg.eval_batch_size, "inference_latency_ms": 1e3 * stats["median"],
+              "train_time_s": summary["time_s"], "wall_s": time.time() - start,
+              "global_step": summary["global_step"], "checkpoint": summary["last_checkpoint"],
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": load,
+              "command": args.command}
+    with open(os.path.join(folder, RESULT_FILE), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    return result
+
+
+def collect_results(output_dir, budget):
+    """Every ablation.json under ``output_dir`` trained with ``budget``: (results, other-budget count)."""
+    found, skipped = [], 0
+    for path in sorted(Path(output_dir).glob(f"*/{RESULT_FILE}")):
+        result = json.loads(path.read_text())
+        if result.get("budget") == budget:
+            found.append(result)
+        else:
+            skipped += 1
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    found.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+    return found, skipped
+
+
+def _runs(results):
+    """(command, dates, load averages) of the training invocations behind ``results``."""
+    runs = {}
+    for result in results:
+        dates, loads = runs.setdefault(result.get("command", "?"), (set(), []))
+        dates.add(result["date"])
+        loads.append(f"{result['variant']} " + "/".join(f"{v:.1f}" for v in result.get("load_average_at_start", [])))
+    return [(command, dates, loads) for command, (dates, loads) in runs.items()]
+
+
+def _pct(value):
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _row(result, reference=None):
+    ratio = "—"
+    if reference is not None:
+        ratio = f"{result['inference_images_per_s'] / reference['inference_images_per_s']:.2f}x"
+    shape = dict(FAMILIES[result["budget"]["family"]]["overrides"], **result["budget"].get("shape", {}))
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(result["model_overrides"].items()) if k not in shape)
+    return (f"| {result['variant']} | {VARIANTS[result['variant']][1]} | {result['model']}"
+            f"{' (' + overrides + ')' if overrides else ''} | {result['seed']} | {result['params'] / 1e3:.1f} "
+            f"| {_pct(result['val_top1'])} | {_pct(result['best_top1'])} | {result['val_loss']:.3f} "
+            f"| {result['train_images_per_s']:.1f} | {result['inference_images_per_s']:.1f} | {ratio} "
+            f"| {result['wall_s']:.0f} |")
+
+
+HEADER = ("| variant | what | model (overrides) | seed | params (K) | val top-1 % (final) | best top-1 % "
+          "| val loss | train img/s | inference img/s | inference vs first row | wall s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def tables(results):
+    """Markdown tables: rate modes (Table 6) and shift implementations (Table 7)."""
+    by_variant = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], []).append(result)
+    sections = []
+    rate_rows = [r for name in VARIANTS if VARIANTS[name][0] == "rate" for r in by_variant.get(name, [])]
+    if rate_rows:
+        sections += ["### Combining the two paths (Table 6)", "", HEADER]
+        sections += [_row(r, rate_rows[0]) for r in rate_rows] + [""]
+    shift_rows = [r for name in SHIFT_ROWS for r in by_variant.get(name, [])]
+    if any(r["variant"] != "learnable" for r in shift_rows):
+        sections += ["### Shift implementations (Table 7)", "", HEADER]
+        sections += [_row(r, shift_rows[0]) for r in shift_rows] + [""]
+    return "\n".join(sections)
+
+
+def describe_budget(budget, data_dir):
+    family = FAMILIES[budget["family"]]
+    recipe = ", ".join(f"{k} {v}" for k, v in family["recipe"].items()) or "the demo recipe unchanged"
+    shape = ", ".join(f"{k}={v}" for k, v in dict(family["overrides"], **budget["shape"]).items()) \
+        or "registered defaults"
+    return (f"Budget: Fashion-MNIST ({data_dir}), {budget['train_per_class']} training and "
+            f"{budget['val_per_class']} validation images per class (10 classes), {budget['image_size']} px, "
+            f"{budget['epochs']} epoch(s) at batch {budget['batch_size']}. Recipe: `{DEMO_CONFIG.relative_to(ROOT)}` "
+            f"with {recipe}. Model shape: {family['acmix']} with {shape}.")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="swin", choices=tuple(FAMILIES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=tuple(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--data_dir", default=None,
+                        help="prepared ImageFolder (default: data/fashion_mnist_<train>_<val>, made if missing)")
+    parser.add_argument("--fashion_mnist_source", default=None,
+                        help="folder of the Fashion-MNIST IDX files (default: tools/prepare_fashion_mnist.py's)")
+    parser.add_argument("--train_per_class", type=int, default=None)
+    parser.add_argument("--val_per_class", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--eval_batch_size", type=int, default=100)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--log_interval", type=int, default=20)
+    parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
+    parser.add_argument("--output_dir", default=None, help="default: runs/ablation_<family>")
+    parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK_BUDGET}")
+    parser.add_argument("--table_only", action="store_true", help="only rebuild the table from saved results")
+    parser.add_argument("--dry_run", action="store_true", help="print each variant's run config and exit")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="change the family's model shape for every variant, e.g. embed_dim=16 (YAML values)")
+    parser.add_argument("--out", default=None, help="write the markdown report here")
+    parser.add_argument("--child_of", default=None, help=argparse.SUPPRESS)  # set on the per-variant subprocesses
+    args = parser.parse_args(argv)
+    from benchmarks.bench_models import parse_assignments
+    args.shape = parse_assignments(args.override, "--override")
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.command = args.child_of or "python tools/ablation.py " + " ".join(shlex.quote(a) for a in given)
+    budget = QUICK_BUDGET if args.quick else BUDGET
+    for key, value in budget.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    args.output_dir = args.output_dir or os.path.join("runs", f"ablation_{args.family}" + ("_quick" if args.quick
+                                                                                            else ""))
+    args.data_dir = args.data_dir or os.path.join("data", f"fashion_mnist_{args.train_per_class}_{args.val_per_class}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    budget = budget_of(args)
+    if args.dry_run:
+        for variant in args.variants:
+            for seed in args.seeds:
+                cfg = run_config(args, variant, seed, args.data_dir,
+                                 os.path.join(args.output_dir, f"{variant}_seed{seed}"))
+                print(f"{variant} seed {seed}: model {cfg.model} {cfg.model_overrides} opt {cfg.opt} lr {cfg.lr} "
+                      f"epochs {cfg.epochs} batch {cfg.batch_size}")
+        return 0
+    if args.child_of is not None:  # a per-variant subprocess: train here, the parent reports
+        train_variant(args, args.variants[0], args.seeds[0], args.data_dir)
+        return 0
+    if not args.table_only:
+        from tools.prepare_fashion_mnist import DEFAULT_SOURCE, prepare
+        prepare(args.data_dir, source=args.fashion_mnist_source or DEFAULT_SOURCE,
+                train_per_class=args.train_per_class, val_per_class=args.val_per_class)
+        for variant in args.variants:
+            for seed in args.seeds:
+                result = train_in_subprocess(args, variant, seed)
+                print(f"== {variant} seed {seed}: val top-1 {_pct(result['val_top1'])}%, train "
+                      f"{result['train_images_per_s']:.1f} img/s, inference {result['inference_images_per_s']:.1f} "
+                      f"img/s ({result['wall_s']:.0f} s)", flush=True)
+    results, skipped = collect_results(args.output_dir, budget)
+    if not results:
+        raise SystemExit(f"error: no results with budget {budget} under {args.output_dir}")
+    from benchmarks.common import environment, environment_markdown
+    text = "\n".join([describe_budget(budget, args.data_dir), "",
+                      environment_markdown(environment(args.device_target)), "",
+                      f"Results read from `{args.output_dir}/*/{RESULT_FILE}`"
+                      + (f" ({skipped} result(s) of other budgets ignored)" if skipped else "") + ". Training runs:",
+                      ""] + [f"- `{command}` ({', '.join(sorted(dates))}; load average at the start of each variant: "
+                             f"{'; '.join(loads)})" for command, dates, loads in _runs(results)]
+                     + ["", tables(results)])
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("# Ablation on Fashion-MNIST\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
