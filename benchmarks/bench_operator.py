@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, ParameterTuple, Tensor  # noqa: E402
 
 from acmix_ms import ACmixLocal, ShiftConv  # noqa: E402

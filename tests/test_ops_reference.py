@@ -204,7 +204,6 @@ def test_acmix_local_conv_p_bias_cancels():
 
 # ------------------------------------------------------------------------------------------ window attention
 def window_params(rng, channels, num_heads, window, kernel_conv=3, zero_table=False):
-    head_dim = channels // num_heads
     table = np.zeros(((2 * window - 1) ** 2, num_heads)) if zero_table else \
         rng.standard_normal(((2 * window - 1) ** 2, num_heads))
     return {"qkv.weight": rng.standard_normal((3 * channels, channels)) * 0.5,

@@ -1,5 +1,4 @@
 """models/profile.py: structural parameter and MAC counts against hand formulas and Table 1."""
-import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn, ops
