@@ -32,6 +32,15 @@ def _slice_axis(x, axis, start, stop, step=1):
     return ops.strided_slice(x, tuple(begin), tuple(end), tuple(strides))
 
 
+def zero_pad(x, paddings):
+    """Zero padding with per-axis ``((before, after), ...)`` for every axis of ``x`` (Python ints).
+
+    Uses the ``Pad`` primitive: the gradient of ``ops.pad``'s constant mode (PadV3Grad) hangs after a few
+    calls on CPU in MindSpore 2.8.
+    """
+    return ops.Pad(tuple(tuple(p) for p in paddings))(x)
+
+
 def out_size(size, stride):
     """Output length of a 'same'-padded window op with stride: ceil(size / stride)."""
     return (size + stride - 1) // stride

@@ -16,7 +16,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import initializer, TruncatedNormal
 
 from .base import ACmixBase
-from .spatial import cyclic_shift
+from .spatial import cyclic_shift, zero_pad
 from .validation import check_divisible, check_positive_int
 
 MASK_VALUE = -100.0  # Swin's additive mask between tokens of different regions
@@ -111,7 +111,7 @@ class ACmixWindow(ACmixBase):
         w = self.window_size
         pad_h, pad_w = (w - height % w) % w, (w - width % w) % w
         if pad_h > 0 or pad_w > 0:
-            x = ops.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+            x = zero_pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         qkv = self.qkv(x)  # (B, Hp, Wp, 3C); pointwise, so shifting before or after is the same
         shifted = cyclic_shift(qkv, -self.shift_size, -self.shift_size) if self.shift_size > 0 else qkv
         if self.rate_mode == "conv":

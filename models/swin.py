@@ -17,9 +17,10 @@ pads each map to a multiple of its window (bottom/right zero padding, as Swin's 
 ``conv_on_shifted_map`` (default True, the official weights' behaviour): in shifted blocks ACmix's conv
 path runs on the cyclically shifted map (see ``acmix_ms.window``); False runs it on the un-shifted map.
 """
-from mindspore import nn, ops
+from mindspore import nn
 
 from acmix_ms import ACmixWindow
+from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_choice, check_odd, check_positive_int
 from .layers import (DropPath, Mlp, build_model, check_out_indices, check_stage_lists, drop_path_rates,
                      init_transformer_weights, layer_norm, to_2tuple)
@@ -33,8 +34,8 @@ def _pad_bottom_right(x, pad_h, pad_w, channels_last):
     if pad_h == 0 and pad_w == 0:
         return x
     if channels_last:
-        return ops.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return ops.pad(x, (0, pad_w, 0, pad_h))
+        return zero_pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return zero_pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
 
 
 class PatchEmbed(nn.Cell):

@@ -306,3 +306,32 @@ def test_ablation_quick_trains_with_the_engine(tmp_path):
     result = json.loads((tmp_path / "runs" / "learnable_seed0" / ablation.RESULT_FILE).read_text())
     rows, _ = plot_rates.rates_from_checkpoint(result["checkpoint"])
     assert rows and all(r1 is not None and r2 is not None for _, r1, r2 in rows)
+
+
+def test_tensor_shift_training_does_not_hang(tmp_path):
+    """The ablation's shift_tensor variant: ``ops.pad``'s gradient hung on the ~10th call on CPU (MindSpore
+    2.8), so ShiftConv('tensor') pads with the ``ops.Pad`` primitive. Run in a subprocess with a timeout."""
+    import subprocess
+    import sys
+    script = tmp_path / "shift_grad.py"
+    script.write_text(
+        "import numpy as np, mindspore as ms\n"
+        "from mindspore import nn\n"
+        "from acmix_ms import ShiftConv\n"
+        "ms.set_context(mode=ms.GRAPH_MODE)\n"
+        "class Loss(nn.Cell):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.shift = ShiftConv(4, 3, 8, 'tensor')\n"
+        "    def construct(self, x):\n"
+        "        return (self.shift(x) ** 2).sum()\n"
+        "grad = ms.grad(Loss())\n"
+        "x = ms.Tensor(np.random.default_rng(0).standard_normal((8, 36, 8, 8)).astype(np.float32))\n"
+        "for _ in range(15):\n"
+        "    grad(x).asnumpy()\n"
+        "print('done')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(bench_models.ROOT),
+                                                                      os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]

@@ -210,7 +210,7 @@ def _row(result, reference=None):
             f"| {result['wall_s']:.0f} |")
 
 
-HEADER = ("| variant | what | model (overrides) | seed | params (K) | val top-1 % (final) | best top-1 % "
+HEADER = ("| variant | what | model (overrides) | seed | trainable params (K) | val top-1 % (final) | best top-1 % "
           "| val loss | train img/s | inference img/s | inference vs first row | wall s |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -315,6 +315,7 @@ def main(argv=None):
         raise SystemExit(f"error: no results with budget {budget} under {args.output_dir}")
     from benchmarks.common import environment, environment_markdown
     text = "\n".join([describe_budget(budget, args.data_dir), "",
+                      "Machine and software (date, load and command: of the invocation that wrote this report):", "",
                       environment_markdown(environment(args.device_target)), "",
                       f"Results read from `{args.output_dir}/*/{RESULT_FILE}`"
                       + (f" ({skipped} result(s) of other budgets ignored)" if skipped else "") + ". Training runs:",
