@@ -6,7 +6,10 @@
 
 The file is written under a temporary name, reloaded (MINDIR: ``ms.load`` + ``nn.GraphCell``; ONNX:
 onnxruntime when installed) and run on a sample batch; the max |difference| to the MindSpore network is
-printed, and only a file within tolerance is moved to ``--output``. A ``<output>.json`` beside it records the
+printed, and only a file within tolerance is moved to ``--output``. Sliding-window ACmix layers that run a
+device kernel (``attention_impl`` 'auto'/'fused', an ``ops.Custom`` op whose MINDIR would point to this
+machine's compiled library) are first switched to ``--attention_impl`` (standard operators, same weights and
+results). A ``<output>.json`` beside it records the
 input shape, class names and preprocessing for eval.py. Exit codes: 0 verified, 1 outside tolerance or
 export unsupported, 2 bad input.
 """
@@ -19,6 +22,7 @@ import tempfile
 
 import numpy as np
 
+PORTABLE_IMPLS = ("unfold", "lean")  # = acmix_ms.local_attention.PORTABLE_IMPLS (not imported: fast --help)
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 # operators whose ONNX export MindSpore 2.8 lacks (seen on CPU): name them when ONNX export fails
 ONNX_GAPS = "ops.unfold (Im2Col), reflection padding (MirrorPad), bilinear resize"
@@ -43,6 +47,9 @@ def parse_args(argv):
                         help="checkpoint weights: auto = those training validated (EMA if it was on), raw, ema")
     parser.add_argument("--atol", type=float, default=1e-4, help="allowed max |diff| (plus rtol * max |output|)")
     parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--attention_impl", choices=PORTABLE_IMPLS, default="unfold",
+                        help="what replaces a device kernel in sliding-window ACmix layers (unfold: fewest "
+                             "operators; lean: least memory at large inputs)")
     parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample batch")
     return parser.parse_args(argv)
@@ -69,6 +76,18 @@ def _model_and_info(args):
     model = build_model(args.model, args.num_classes or 1000, in_chans=in_chans)
     return model, {"model": args.model, "num_classes": args.num_classes or 1000, "class_names": None,
                    "image_size": args.image_size or 224, "in_chans": in_chans}
+
+
+def make_exportable(model, attention_impl="unfold"):
+    """Switch the layers of ``model`` that run a device kernel (``ops.Custom``) to ``attention_impl``, before
+    the model's first run; returns how many were switched (printed when any)."""
+    from acmix_ms import attention_backends, set_attention_impl
+    backends = attention_backends(model)
+    switched = set_attention_impl(model, attention_impl, only_kernels=True)
+    if switched:
+        print(f"{switched} sliding-window attention layer(s) ran a device kernel ({backends}): exported with "
+              f"attention_impl='{attention_impl}' (standard operators, same weights and results)")
+    return switched
 
 
 def _run_exported(path, file_format, sample):
@@ -104,6 +123,8 @@ def export(args):
                           f"{ms.get_context('device_target')}); use --format MINDIR")
     model, info = _model_and_info(args)
     model.set_train(False)
+    switched = make_exportable(model, args.attention_impl)
+    info["kernel_layers_switched"] = switched
     suffix = FORMATS[args.format]
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) if args.checkpoint else ".",
                                          f"{info['model']}{suffix}")

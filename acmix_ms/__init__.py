@@ -6,12 +6,13 @@ Cells: ``ShiftConv`` (shift-and-sum, four implementations), ``ACmixLocal`` (slid
 """
 from .shift import ShiftConv, SHIFT_IMPLS, shift_kernels
 from .base import ACmixBase, RATE_MODES
-from .local import ACmixLocal
+from .local import ACmixLocal, attention_backends, set_attention_impl
 from .window import ACmixWindow
 from .global_attention import ACmixGlobal
 from .patchwise import ACmixPatchwise
 from .cost import stage_costs
 
-__all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES", "ACmixLocal", "ACmixWindow",
+__all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES", "ACmixLocal", "attention_backends",
+           "set_attention_impl", "ACmixWindow",
            "ACmixGlobal", "ACmixPatchwise", "stage_costs"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ neighbours of a pixel, so softmax cancels it; we compute ``q . (k - pe)_nb`` fro
 from mindspore import nn, ops
 
 from .base import ACmixBase
-from .local_attention import LOCAL_ATTENTION_IMPLS
+from .local_attention import LOCAL_ATTENTION_IMPLS, PORTABLE_IMPLS, attention_backend
 from .spatial import check_reflect_pad, out_size
 from .validation import check_choice, check_divisible, check_odd, check_positive_int
 
@@ -28,8 +28,10 @@ class ACmixLocal(ACmixBase):
         qkv_bias: bias of the fused q/k/v 1x1 projection (official: True).
         fc_bias: bias of the conv-path fc (official ResNet: False).
         shift_impl, rate_mode, rates: see ``ACmixBase``.
-        attention_impl: ``'unfold'`` (stack the k*k neighbours) or ``'lean'`` (offset by offset with a
-            hand-written backward); see ``acmix_ms.local_attention``.
+        attention_impl: ``'auto'`` (the device's fused kernel where one is registered, else ``'unfold'``),
+            ``'unfold'`` (stack the k*k neighbours: the reference), ``'lean'`` (offset by offset with a
+            hand-written backward) or ``'fused'`` (the kernel, else lean); see ``acmix_ms.local_attention``.
+            Results and parameters are the same for all; ``set_attention_impl`` changes it after construction.
 
     Inputs: (B, Cin, H, W). Outputs: (B, C, ceil(H/s), ceil(W/s)).
     Channel o of the attention output is head o // d, channel o % d; of the conv output, group
@@ -38,7 +40,7 @@ class ACmixLocal(ACmixBase):
 
     def __init__(self, in_channels, out_channels, kernel_att=7, num_heads=4, kernel_conv=3, stride=1,
                  dilation=1, qkv_bias=True, fc_bias=False, shift_impl="learnable", rate_mode="learnable",
-                 rates=(0.5, 0.5), attention_impl="unfold"):
+                 rates=(0.5, 0.5), attention_impl="auto"):
         check_positive_int("in_channels", in_channels)
         check_positive_int("num_heads", num_heads)
         head_dim = check_divisible("out_channels", out_channels, "num_heads", num_heads)
@@ -54,12 +56,25 @@ class ACmixLocal(ACmixBase):
         self.kernel_att = kernel_att
         self.stride = stride
         self.dilation = dilation
+        self.attention_impl = attention_impl
         self.att_pad = dilation * (kernel_att - 1) // 2
         self.scale = head_dim ** -0.5
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, has_bias=qkv_bias)
         if self.has_attention:
             self.conv_p = nn.Conv2d(2, head_dim, 1, has_bias=True)
             self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](kernel_att, stride, dilation)
+
+    @property
+    def attention_backend(self):
+        """What computes the attention: 'unfold', 'lean', a device target (its kernel), or None (no attention)."""
+        return attention_backend(self.aggregate) if self.has_attention else None
+
+    def set_attention_impl(self, attention_impl):
+        """Recompute the attention with another implementation (same parameters, same results)."""
+        check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
+        if self.has_attention:
+            self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](self.kernel_att, self.stride, self.dilation)
+        self.attention_impl = attention_impl
 
     def construct(self, x):
         if x.ndim != 4:
@@ -98,3 +113,33 @@ class ACmixLocal(ACmixBase):
             return 0
         pixels = out_size(height, self.stride) * out_size(width, self.stride)
         return 2 * self.kernel_att ** 2 * self.out_channels * pixels
+
+
+def local_attention_layers(network):
+    """(name, ACmixLocal) of every sliding-window ACmix layer in ``network`` that has an attention path."""
+    return [(name, cell) for name, cell in network.cells_and_names()
+            if isinstance(cell, ACmixLocal) and cell.has_attention]
+
+
+def attention_backends(network):
+    """{backend: number of layers} over the ACmixLocal layers of ``network``, e.g. {'CPU': 8}."""
+    counts = {}
+    for _, layer in local_attention_layers(network):
+        counts[layer.attention_backend] = counts.get(layer.attention_backend, 0) + 1
+    return counts
+
+
+def set_attention_impl(network, attention_impl, only_kernels=False):
+    """Switch the ACmixLocal layers of ``network`` to ``attention_impl``; returns how many were switched.
+
+    only_kernels: switch only the layers running a device kernel (``ops.Custom``), e.g. to export a MINDIR
+    that does not refer to this machine's compiled library. Call it before the network's first run: a graph
+    already compiled is not rebuilt.
+    """
+    switched = 0
+    for _, layer in local_attention_layers(network):
+        if only_kernels and layer.attention_backend in PORTABLE_IMPLS:
+            continue
+        layer.set_attention_impl(attention_impl)
+        switched += 1
+    return switched

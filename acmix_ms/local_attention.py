@@ -1,4 +1,4 @@
-"""Sliding-window attention aggregation: the Stage II of ``ACmixLocal``, in three implementations.
+"""Sliding-window attention aggregation: the Stage II of ``ACmixLocal``, in three implementations and a default.
 
 All take the strided queries and the reflection-padded keys and values of one head stack and return
 ``sum_p softmax_p(q . k_p) v_p`` over the k*k neighbours p of every output pixel:
@@ -12,6 +12,12 @@ All take the strided queries and the reflection-padded keys and values of one he
 - ``FusedLocalAttention``: the same algorithm as one fused kernel per pass where the device has one
   (registered in ``DEVICE_AGGREGATIONS``: the C++ kernels of ``acmix_ms.kernels`` on CPU), else the lean
   Cell. An Ascend/GPU kernel plugs in with ``register_device_aggregation`` without touching the models.
+- ``'auto'`` (the default of ``ACmixLocal``): the device's fused kernel where one is registered and builds,
+  else the unfold reference. The kernel wins on CPU on speed and memory at every measured shape
+  (docs/local_attention.md); where no kernel exists nothing has been measured, so nothing changes there.
+
+Choosing an implementation never changes parameters or results: a checkpoint trained with one loads into
+any other, and ``use_portable_attention`` swaps kernels out of a built network before MINDIR export.
 
 Shapes: query (BN, d, H', W'); key_pad, value_pad (BN, d, Hp, Wp) with
 Hp >= (H'-1)*stride + (k-1)*dilation + 1. Output (BN, d, H', W').
@@ -168,33 +174,49 @@ def register_device_aggregation(device_target, factory, dtypes):
     DEVICE_AGGREGATIONS[device_target] = (factory, tuple(dtypes))
 
 
+FALLBACKS = {"lean": _LeanAggregation, "unfold": UnfoldLocalAttention}
+
+
 class FusedLocalAttention(nn.Cell):
-    """The device's fused kernel when one is registered for it, else ``LeanLocalAttention``'s Cell.
+    """The device's fused kernel when one is registered for it, else a pure-MindSpore implementation.
 
     Args:
         kernel_size, stride, dilation: as the other implementations.
         device_target: the device whose kernel to use; None: the context's ``device_target``.
+        fallback: what runs without a kernel: ``'lean'`` (``attention_impl='fused'``) or ``'unfold'``
+            (``attention_impl='auto'``).
 
-    ``self.backend`` names what runs: the device target of the kernel, or ``'lean'``. A kernel that fails
-    to build (e.g. no C++ compiler) falls back to ``'lean'`` with a warning.
+    ``self.backend`` names what runs: the device target of the kernel, or the fallback's name. A kernel that
+    fails to build (e.g. no C++ compiler) gives the fallback with a warning.
     """
 
-    def __init__(self, kernel_size, stride=1, dilation=1, device_target=None):
+    def __init__(self, kernel_size, stride=1, dilation=1, device_target=None, fallback="lean"):
         super().__init__()
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {tuple(FALLBACKS)}, got {fallback!r}")
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         device_target = device_target or ms.get_context("device_target")
-        self.backend, self.dtypes, self.aggregate = "lean", (), None
+        self.backend, self.dtypes, self.aggregate = fallback, (), None
         if device_target in DEVICE_AGGREGATIONS:
             factory, dtypes = DEVICE_AGGREGATIONS[device_target]
             try:
                 self.aggregate = factory(kernel_size, stride, dilation)
                 self.backend, self.dtypes = device_target, dtypes
             except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
-                warnings.warn(f"FusedLocalAttention: no {device_target} kernel ({error}); using the lean Cell")
+                warnings.warn(f"FusedLocalAttention: no {device_target} kernel ({error}); using the "
+                              f"{fallback} implementation")
         if self.aggregate is None:
-            self.aggregate = _LeanAggregation(kernel_size, stride, dilation)
+            self.aggregate = FALLBACKS[fallback](kernel_size, stride, dilation)
+        # the kernels and the lean Cell return (output, weights); the unfold Cell the output only
+        self.returns_weights = self.backend != "unfold"
+
+    @property
+    def uses_kernel(self):
+        return self.backend not in FALLBACKS
 
     def construct(self, query, key_pad, value_pad):
+        if not self.returns_weights:
+            return self.aggregate(query, key_pad, value_pad)
         dtype = query.dtype
         if self.dtypes and dtype not in self.dtypes:
             kernel_dtype = self.dtypes[0]
@@ -204,4 +226,23 @@ class FusedLocalAttention(nn.Cell):
         return self.aggregate(query, key_pad, value_pad)[0]
 
 
-LOCAL_ATTENTION_IMPLS = {"unfold": UnfoldLocalAttention, "lean": LeanLocalAttention, "fused": FusedLocalAttention}
+def auto_local_attention(kernel_size, stride=1, dilation=1, device_target=None):
+    """``attention_impl='auto'``: the device's kernel where one is registered and builds, else unfold."""
+    return FusedLocalAttention(kernel_size, stride, dilation, device_target=device_target, fallback="unfold")
+
+
+def attention_backend(aggregation):
+    """What an aggregation Cell runs: 'unfold', 'lean' or the device target of a fused kernel."""
+    if isinstance(aggregation, FusedLocalAttention):
+        return aggregation.backend
+    if isinstance(aggregation, LeanLocalAttention):
+        return "lean"
+    if isinstance(aggregation, UnfoldLocalAttention):
+        return "unfold"
+    return type(aggregation).__name__
+
+
+LOCAL_ATTENTION_IMPLS = {"auto": auto_local_attention, "unfold": UnfoldLocalAttention, "lean": LeanLocalAttention,
+                         "fused": FusedLocalAttention}
+# implementations made of standard MindSpore operators only: what an exported MINDIR may contain
+PORTABLE_IMPLS = ("unfold", "lean")

@@ -114,21 +114,11 @@ def _aggregation_only(impl, channels):
 
 
 def _build_model(impl):
-    """ResNet-ACmix-26 with ``attention_impl=impl``; if the model does not take that option, the
-    aggregation Cells of its ACmixLocal layers are replaced after construction (and the note says so)."""
+    """ResNet-ACmix-26 with ``attention_impl=impl`` and a note of what runs in its layers."""
     import models
-    from acmix_ms import ACmixLocal
-    from acmix_ms.local_attention import LOCAL_ATTENTION_IMPLS
-    try:
-        return models.create_model(MODEL_NAME, attention_impl=impl), ""
-    except (TypeError, ValueError) as error:
-        if "attention_impl" not in str(error):
-            raise
-    net = models.create_model(MODEL_NAME)
-    for _, cell in net.cells_and_names():
-        if isinstance(cell, ACmixLocal) and cell.has_attention:
-            cell.aggregate = LOCAL_ATTENTION_IMPLS[impl](cell.kernel_att, cell.stride, cell.dilation)
-    return net, f"{MODEL_NAME} does not accept attention_impl: aggregation Cells replaced after construction"
+    from acmix_ms import attention_backends
+    net = models.create_model(MODEL_NAME, attention_impl=impl)
+    return net, f"{impl} ran {attention_backends(net)} (layers per backend)"
 
 
 # ---------------------------------------------------------------------------------------------- parent side

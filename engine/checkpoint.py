@@ -129,7 +129,7 @@ def assign_tensors(named_params, tensors):
     """Copy arrays into Parameters (cast to each Parameter's dtype)."""
     import mindspore as ms
     for name, param in named_params:
-        param.set_data(ms.Tensor(tensors[name].astype(ms.dtype_to_nptype(param.dtype))))
+        param.set_data(ms.Tensor(tensors[name], dtype=param.dtype))
 
 
 def load_checkpoint_into(model, path, strict=True, use_ema=False):

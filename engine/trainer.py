@@ -221,6 +221,13 @@ class Trainer:
         cfg, info = self.cfg, self.optim_info
         self.log.info(f"model {cfg.model}: {self.param_count / 1e6:.3f} M trainable parameters, "
                       f"{self.num_classes} classes; amp {cfg.amp_level}, loss scale {cfg.loss_scale}")
+        from acmix_ms.local import attention_backends
+        from acmix_ms.local_attention import PORTABLE_IMPLS
+        backends = attention_backends(self.model)
+        if backends:  # which implementation computes the sliding-window attention (speed and memory differ a lot)
+            self.log.info("sliding-window attention: " + ", ".join(
+                f"{count} layer(s) {backend if backend in PORTABLE_IMPLS else backend + ' kernel'}"
+                for backend, count in sorted(backends.items())))
         self.log.info(f"data {cfg.data_dir}: {len(self.train_index)} train / "
                       f"{len(self.val_index) if self.val_index else 0} val images; {self.group_size} device(s) x "
                       f"batch {cfg.batch_size}; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps")

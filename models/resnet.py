@@ -38,7 +38,7 @@ EXPANSION = 4
 ACMIX_DEFAULTS = {
     "kernel_att": 7, "num_heads": 4, "kernel_conv": 3, "dilation": 1, "qkv_bias": True, "fc_bias": False,
     "shift_impl": "learnable", "rate_mode": "learnable", "rates": (0.5, 0.5), "official_init": False,
-    "attention_impl": "unfold",
+    "attention_impl": "auto",
 }
 STRUCTURE_DEFAULTS = {"layers": (3, 4, 6, 3), "base_width": 64, "stem": "imagenet", "drop_path_rate": 0.0,
                       "out_indices": None}

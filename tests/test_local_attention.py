@@ -1,6 +1,7 @@
 """The lean (offset-by-offset, hand-written backward) and fused (C++ kernel on CPU) local attention equal the
 unfold reference, forward and gradients, for strides, dilations and odd sizes (issue 7); the per-device
-kernel registry and its fallbacks behave as documented."""
+kernel registry, the 'auto' default and its fallbacks behave as documented; a network running the kernel
+exports a portable MINDIR with the same outputs."""
 import warnings
 
 import numpy as np
@@ -8,8 +9,10 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from acmix_ms import ACmixLocal
+import models
+from acmix_ms import ACmixLocal, attention_backends, set_attention_impl
 from acmix_ms import local_attention
+from acmix_ms.kernels import build as kernel_build
 from acmix_ms.local_attention import (LOCAL_ATTENTION_IMPLS, FusedLocalAttention,
                                       UnfoldLocalAttention, register_device_aggregation)
 
@@ -142,12 +145,104 @@ def test_kernel_build_is_cached(tmp_path, monkeypatch):
         first = compiled_library("local_attention_cpu.cc")
     assert first.parent == tmp_path and first.is_file()
     mtime = first.stat().st_mtime_ns
+    monkeypatch.setattr(kernel_build, "_OUTCOMES", {})  # as a new process would: found on disk, not rebuilt
     assert compiled_library("local_attention_cpu.cc") == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
+def test_kernel_build_outcome_is_remembered_in_the_process(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_build(source_name):
+        calls.append(source_name)
+        raise kernel_build.KernelBuildError("compiler exploded")
+
+    monkeypatch.setenv("ACMIX_MS_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_build, "_build", failing_build)
+    for _ in range(3):  # e.g. the layers of one network: one attempt, the same error each time
+        with pytest.raises(kernel_build.KernelBuildError, match="compiler exploded"):
+            kernel_build.compiled_library("local_attention_cpu.cc")
+    assert calls == ["local_attention_cpu.cc"]
+
+
 def test_kernel_build_reports_a_missing_compiler(monkeypatch):
     from acmix_ms.kernels.build import KernelBuildError, compiled_library
+    monkeypatch.setattr(kernel_build, "_OUTCOMES", {})
     monkeypatch.setenv("CXX", "no-such-compiler-acmix")
     with pytest.raises(KernelBuildError, match="no-such-compiler-acmix"):
         compiled_library("local_attention_cpu.cc")
+
+
+# ---- the 'auto' default ------------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_CPU, reason="the C++ kernel is the CPU backend's")
+def test_auto_is_the_default_and_runs_the_cpu_kernel():
+    layer = ACmixLocal(4, 8, kernel_att=3, num_heads=2)
+    assert layer.attention_impl == "auto" and layer.attention_backend == "CPU"
+    net = models.create_model("resnet_tiny_acmix", num_classes=10)
+    assert attention_backends(net) == {"CPU": 4}
+
+
+def test_auto_falls_back_to_unfold_without_a_device_kernel():
+    attention = LOCAL_ATTENTION_IMPLS["auto"](3, 2, 1, device_target="GPU")  # no GPU kernel registered
+    assert attention.backend == "unfold" and not attention.uses_kernel
+    assert isinstance(attention.aggregate, UnfoldLocalAttention)
+
+
+def test_auto_falls_back_to_unfold_with_a_warning_when_the_kernel_cannot_be_built(monkeypatch):
+    def broken_factory(kernel_size, stride, dilation):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setitem(local_attention.DEVICE_AGGREGATIONS, "CPU", (broken_factory, (ms.float32,)))
+    with pytest.warns(UserWarning, match="no compiler.*unfold"):
+        layer = ACmixLocal(4, 8, kernel_att=3, num_heads=2)
+    assert layer.attention_backend == "unfold"
+    x = Tensor(np.random.RandomState(0).randn(1, 4, 6, 6).astype(np.float32))
+    assert layer(x).shape == (1, 8, 6, 6)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_auto_and_fused_match_unfold_forward_and_gradients(impl):
+    kernel, stride, dilation, height, width = 5, 2, 1, 9, 8
+    reference = _loss_and_grads(UnfoldLocalAttention(kernel, stride, dilation), kernel, stride, dilation, height,
+                                seed=4, width=width)
+    result = _loss_and_grads(LOCAL_ATTENTION_IMPLS[impl](kernel, stride, dilation), kernel, stride, dilation,
+                             height, seed=4, width=width)
+    for ours, expected in zip(result, reference):
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_set_attention_impl_switches_layers():
+    net = models.create_model("resnet_tiny_acmix", num_classes=10, attention_impl="lean")
+    assert set_attention_impl(net, "unfold", only_kernels=True) == 0  # lean is portable: left alone
+    assert attention_backends(net) == {"lean": 4}
+    assert set_attention_impl(net, "unfold") == 4
+    assert attention_backends(net) == {"unfold": 4}
+    assert all(layer.attention_impl == "unfold" for _, layer in net.cells_and_names()
+               if isinstance(layer, ACmixLocal))
+    with pytest.raises(ValueError, match="attention_impl"):
+        set_attention_impl(net, "im2col")
+    conv_only = models.create_model("resnet_tiny_acmix", num_classes=10, rate_mode="conv")
+    assert set_attention_impl(conv_only, "unfold") == 0 and attention_backends(conv_only) == {}
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ kernel is the CPU backend's")
+def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path, capsys):
+    import export as export_script
+    net = models.create_model("resnet_tiny_acmix", num_classes=10)
+    net.set_train(False)
+    x = Tensor(np.random.RandomState(1).randn(2, 3, 32, 32).astype(np.float32))
+    expected = net(x).asnumpy()  # computed by the C++ kernel
+    twin = models.create_model("resnet_tiny_acmix", num_classes=10)
+    ms.load_param_into_net(twin, net.parameters_dict(), strict_load=True)
+    twin.set_train(False)
+    assert export_script.make_exportable(twin) == 4
+    assert "4 sliding-window attention layer(s) ran a device kernel" in capsys.readouterr().out
+    assert attention_backends(twin) == {"unfold": 4} and attention_backends(net) == {"CPU": 4}
+    library = kernel_build.compiled_library("local_attention_cpu.cc")
+    ms.export(net, x, file_name=str(tmp_path / "kernel"), file_format="MINDIR")  # why the switch is needed:
+    assert str(library).encode() in (tmp_path / "kernel.mindir").read_bytes()  # it names this machine's .so
+    ms.export(twin, x, file_name=str(tmp_path / "net"), file_format="MINDIR")
+    content = (tmp_path / "net.mindir").read_bytes()
+    assert library.name.encode() not in content and b"LocalAttentionForward" not in content
+    exported = ms.nn.GraphCell(ms.load(str(tmp_path / "net.mindir")))(x).asnumpy()
+    np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-5)

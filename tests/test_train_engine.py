@@ -53,7 +53,8 @@ def eval_args(**values):
 
 def export_args(**values):
     defaults = dict(checkpoint=None, model=None, num_classes=None, in_chans=None, batch_size=2, image_size=None,
-                    format="MINDIR", output=None, weights="auto", atol=1e-4, rtol=1e-4, device_target=None, seed=0)
+                    format="MINDIR", output=None, weights="auto", atol=1e-4, rtol=1e-4, device_target=None, seed=0,
+                    attention_impl="unfold")
     defaults.update(values)
     return argparse.Namespace(**defaults)
 

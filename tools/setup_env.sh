@@ -20,4 +20,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
         echo "warning: dataset-fashion-mnist is not installed (sudo apt-get install dataset-fashion-mnist)"
     fi
 fi
+if ! command -v "${CXX:-g++}" >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        echo "== apt-get install g++"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) \
+            || echo "warning: could not install g++ (the CPU attention kernel will not be built)"
+    else
+        echo "warning: no C++ compiler (sudo apt-get install g++): ResNet-ACmix runs its slower attention path on CPU"
+    fi
+fi
 python -c "import mindspore, numpy; print('mindspore', mindspore.__version__, '| numpy', numpy.__version__)"

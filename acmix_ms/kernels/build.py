@@ -4,6 +4,8 @@ The library name carries a hash of the source, the compiler and the flags, so an
 compiler gives a new file and stale libraries are never loaded. Compilation writes to a temporary name
 and renames it into place, so processes started together (e.g. by msrun) do not see half-written files.
 Cache directory: ``$ACMIX_MS_KERNEL_CACHE`` if set, else ``~/.cache/acmix_ms/kernels``.
+Within a process the outcome (library or error) is remembered, so a network with many layers asks the
+compiler once, and a failed build is not retried layer after layer.
 """
 import hashlib
 import os
@@ -20,6 +22,10 @@ class KernelBuildError(RuntimeError):
     """The C++ compiler is missing or failed."""
 
 
+# (source name, compiler setting, cache dir) -> library Path or the KernelBuildError it raised
+_OUTCOMES = {}
+
+
 def cache_dir():
     return Path(os.environ.get("ACMIX_MS_KERNEL_CACHE") or Path.home() / ".cache" / "acmix_ms" / "kernels")
 
@@ -32,7 +38,26 @@ def _compiler():
 
 
 def compiled_library(source_name):
-    """Path of the shared library built from ``KERNEL_SOURCE_DIR/source_name`` (compiled if not cached)."""
+    """Path of the shared library built from ``KERNEL_SOURCE_DIR/source_name`` (compiled if not cached).
+
+    Raises ``KernelBuildError`` (the same one again on later calls in this process) if it cannot be built.
+    """
+    key = (source_name, os.environ.get("CXX"), str(cache_dir()))
+    if key not in _OUTCOMES:
+        try:
+            _OUTCOMES[key] = _build(source_name)
+        except KernelBuildError as error:
+            _OUTCOMES[key] = error
+    outcome = _OUTCOMES[key]
+    if isinstance(outcome, KernelBuildError):
+        raise outcome
+    if not outcome.is_file():  # the cache was cleaned while this process ran
+        del _OUTCOMES[key]
+        return compiled_library(source_name)
+    return outcome
+
+
+def _build(source_name):
     source = KERNEL_SOURCE_DIR / source_name
     if not source.is_file():
         raise KernelBuildError(f"kernel source {source} does not exist")
