@@ -246,3 +246,20 @@ def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path,
     assert library.name.encode() not in content and b"LocalAttentionForward" not in content
     exported = ms.nn.GraphCell(ms.load(str(tmp_path / "net.mindir")))(x).asnumpy()
     np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the C++ kernel is the CPU backend's")
+def test_export_cli_switches_kernel_layers_to_the_chosen_implementation(tmp_path, capsys):
+    import json
+    import export as export_script
+    output = tmp_path / "lean.mindir"
+    code = export_script.main(["--model", "resnet_tiny_acmix", "--num_classes", "3", "--image_size", "32",
+                               "--attention_impl", "lean", "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert code == 0 and output.is_file()
+    assert "exported with attention_impl='lean'" in printed and "max |diff|" in printed
+    assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 4
+    assert b"LocalAttentionForward" not in output.read_bytes()
+    assert export_script.PORTABLE_IMPLS == local_attention.PORTABLE_IMPLS  # kept apart for a fast --help
+    with pytest.raises(SystemExit):  # only portable implementations may go into a MINDIR
+        export_script.parse_args(["--model", "resnet_tiny_acmix", "--attention_impl", "fused"])
