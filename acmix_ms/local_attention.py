@@ -174,7 +174,10 @@ def register_device_aggregation(device_target, factory, dtypes):
     DEVICE_AGGREGATIONS[device_target] = (factory, tuple(dtypes))
 
 
-FALLBACKS = {"lean": _LeanAggregation, "unfold": UnfoldLocalAttention}
+# what runs without a device kernel; these use standard MindSpore operators only, so they are also the
+# implementations an exported MINDIR may contain (PORTABLE_IMPLS)
+FALLBACKS = {"unfold": UnfoldLocalAttention, "lean": _LeanAggregation}
+PORTABLE_IMPLS = tuple(FALLBACKS)
 
 
 class FusedLocalAttention(nn.Cell):
@@ -212,7 +215,7 @@ class FusedLocalAttention(nn.Cell):
 
     @property
     def uses_kernel(self):
-        return self.backend not in FALLBACKS
+        return self.backend not in PORTABLE_IMPLS
 
     def construct(self, query, key_pad, value_pad):
         if not self.returns_weights:
@@ -244,5 +247,3 @@ def attention_backend(aggregation):
 
 LOCAL_ATTENTION_IMPLS = {"auto": auto_local_attention, "unfold": UnfoldLocalAttention, "lean": LeanLocalAttention,
                          "fused": FusedLocalAttention}
-# implementations made of standard MindSpore operators only: what an exported MINDIR may contain
-PORTABLE_IMPLS = ("unfold", "lean")

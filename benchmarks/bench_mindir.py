@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_models import (QUICK, ModelSpec, _escape, _fmt, _ms, build_model, expand_specs,  # noqa: E402
-                                     find_pairs, images_per_second, pair_table, parse_assignments, random_batch,
-                                     run_worker, set_graph_mode, timed, worker_main, write_text)
+from benchmarks.bench_models import (ModelSpec, _escape, _fmt, _ms, add_measurement_arguments,  # noqa: E402
+                                     build_model, check_measurement_arguments, expand_specs, find_pairs,
+                                     images_per_second, pair_table, parse_assignments, random_batch, run_worker,
+                                     set_graph_mode, timed, worker_main, write_text)
 from benchmarks.common import environment, environment_markdown  # noqa: E402
 
 MODES = ("network", "mindir")
@@ -101,40 +102,13 @@ def side_by_side_table(specs, configs, results):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=None, help="model specs: name or name:key=value,...")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="constructor overrides applied to every model (YAML values)")
-    parser.add_argument("--no_baselines", action="store_true", help="do not add the baselines of ACmix models")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--image_sizes", type=int, nargs="+", default=[224])
-    parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--in_chans", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--max_seconds", type=float, default=30.0)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per worker subprocess")
-    parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
+    add_measurement_arguments(parser)
     parser.add_argument("--export_dir", default=None,
                         help="keep the MINDIR files here (default: a temporary folder, deleted afterwards)")
-    parser.add_argument("--quick", action="store_true", help="resnet_tiny_acmix + baseline, batch 2, 32 px, 1 call")
-    parser.add_argument("--dry_run", action="store_true", help="print the configurations and exit")
-    parser.add_argument("--out", default=None, help="write the markdown report here")
-    parser.add_argument("--json", default=None, help="write the raw results here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
-    if args.quick:
-        for key, value in QUICK.items():
-            if key != "models" or args.models is None:
-                setattr(args, key, value)
-    if args.models is None:
-        parser.error("--models is required (or --quick)")
-    for name in ("batch_sizes", "image_sizes"):
-        if any(v < 1 for v in getattr(args, name)):
-            raise ValueError(f"--{name} must be positive integers, got {getattr(args, name)}")
-    if args.warmup < 1 or args.repeats < 1 or args.max_seconds <= 0:
-        raise ValueError("--warmup and --repeats must be >= 1 and --max_seconds > 0")
+    check_measurement_arguments(parser, args)
     return args
 
 

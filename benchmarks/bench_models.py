@@ -391,11 +391,9 @@ def plot_throughput(results, specs, configs, modes, path):
 
     Returns the path, or None (with a message) when matplotlib is not installed.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from engine.logger import load_pyplot, save_figure
+    plt = load_pyplot()
+    if plt is None:
         print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
         return None
     figure, axes = plt.subplots(1, len(modes), figsize=(max(6, 1.2 * len(specs) * len(configs)) * len(modes) / 1.5,
@@ -415,12 +413,7 @@ def plot_throughput(results, specs, configs, modes, path):
         axis.set_title(mode)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    temp = str(path) + ".tmp.png"
-    figure.savefig(temp, dpi=90)
-    plt.close(figure)
-    os.replace(temp, path)
-    return path
+    return save_figure(figure, path, dpi=90)
 
 
 def report(results, specs, configs, modes, shift_impls, args, env, env_after):
@@ -454,21 +447,16 @@ def report(results, specs, configs, modes, shift_impls, args, env, env_after):
     return "\n".join(sections)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_measurement_arguments(parser):
+    """The options bench_models.py and bench_mindir.py share: models, sizes, timing, output."""
     parser.add_argument("--models", nargs="+", default=None, help="model specs: name or name:key=value,...")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="constructor overrides applied to every model (YAML values)")
-    parser.add_argument("--shift_impls", nargs="*", default=None,
-                        help="measure every ACmix model once per shift implementation (tensor fixed random learnable)")
     parser.add_argument("--no_baselines", action="store_true", help="do not add the baselines of ACmix models")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--image_sizes", type=int, nargs="+", default=[224])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--in_chans", type=int, default=3)
-    parser.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer of the train step")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls (the first compiles the graph)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls (at most)")
     parser.add_argument("--max_seconds", type=float, default=30.0,
@@ -481,11 +469,11 @@ def parse_args(argv):
     parser.add_argument("--dry_run", action="store_true", help="print the configurations and exit")
     parser.add_argument("--out", default=None, help="write the markdown report here")
     parser.add_argument("--json", default=None, help="write the raw results here")
-    parser.add_argument("--plot", default=None, help="write a bar plot PNG here (needs matplotlib)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        return args
+
+
+def check_measurement_arguments(parser, args):
+    """Apply --quick and check the shared options (not for a worker's command line)."""
     if args.quick:
         for key, value in QUICK.items():
             if key != "models" or args.models is None:
@@ -497,6 +485,21 @@ def parse_args(argv):
             raise ValueError(f"--{name} must be positive integers, got {getattr(args, name)}")
     if args.warmup < 1 or args.repeats < 1 or args.max_seconds <= 0:
         raise ValueError("--warmup and --repeats must be >= 1 and --max_seconds > 0")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_measurement_arguments(parser)
+    parser.add_argument("--shift_impls", nargs="*", default=None,
+                        help="measure every ACmix model once per shift implementation (tensor fixed random learnable)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer of the train step")
+    parser.add_argument("--plot", default=None, help="write a bar plot PNG here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return args
+    check_measurement_arguments(parser, args)
     if args.shift_impls is not None:
         from acmix_ms import SHIFT_IMPLS
         bad = [impl for impl in args.shift_impls if impl not in SHIFT_IMPLS]

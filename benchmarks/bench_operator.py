@@ -128,6 +128,14 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _measurement_row(channels, size, name, result, batch):
+    """| C | H=W | name | params | forward ms | img/s | fwd+bwd ms | img/s | peak RSS MiB (+rise) |"""
+    r = result
+    return (f"| {channels} | {size} | {name} | {r['params']} | {_ms(r['forward'])} "
+            f"| {_throughput(r['forward'], batch)} | {_ms(r['backward'])} "
+            f"| {_throughput(r['backward'], batch)} | {r['peak_rss_mib']:.0f} (+{r['rss_increase_mib']:.0f}) |")
+
+
 def results_markdown(shift_results, layer_results, shapes, batch, attention_impl="unfold"):
     lines = ["## Shift-and-sum (`ShiftConv`, paper Table 7)", "",
              f"Input (B={batch}, 9d, H, W), d = C/{NUM_HEADS}; output (B, C, H, W). Times in ms: median "
@@ -136,11 +144,7 @@ def results_markdown(shift_results, layer_results, shapes, batch, attention_impl
              "|---|---|---|---|---|---|---|---|---|"]
     for channels, size in shapes:
         for impl in SHIFT_IMPLS:
-            r = shift_results[(channels, size)][impl]
-            lines.append(f"| {channels} | {size} | {impl} | {r['params']} | {_ms(r['forward'])} "
-                         f"| {_throughput(r['forward'], batch)} | {_ms(r['backward'])} "
-                         f"| {_throughput(r['backward'], batch)} | {r['peak_rss_mib']:.0f} "
-                         f"(+{r['rss_increase_mib']:.0f}) |")
+            lines.append(_measurement_row(channels, size, impl, shift_results[(channels, size)][impl], batch))
     if any(backward_hangs("tensor", size) for _, size in shapes):
         lines += ["", f"'tensor' forward+backward on 7x7 maps: at most {HANGING_BACKWARD_CALLS} calls (warm-up "
                   "included), because the 5th call of that compiled gradient never returns on MindSpore 2.8 CPU."]
@@ -168,11 +172,7 @@ def results_markdown(shift_results, layer_results, shapes, batch, attention_impl
               "|---|---|---|---|---|---|---|---|---|"]
     for channels, size in shapes:
         for kind in LAYERS:
-            r = layer_results[(channels, size)][kind]
-            lines.append(f"| {channels} | {size} | {kind} | {r['params']} | {_ms(r['forward'])} "
-                         f"| {_throughput(r['forward'], batch)} | {_ms(r['backward'])} "
-                         f"| {_throughput(r['backward'], batch)} | {r['peak_rss_mib']:.0f} "
-                         f"(+{r['rss_increase_mib']:.0f}) |")
+            lines.append(_measurement_row(channels, size, kind, layer_results[(channels, size)][kind], batch))
     pairs = [("acmix", "conv3x3"), ("acmix", "attention"), ("attention", "conv3x3")]
     lines += ["", "Time ratios (slower / faster as named):", "",
               "| C | H=W | " + " | ".join(f"{a}/{b} fwd | {a}/{b} fwd+bwd" for a, b in pairs) + " |",

@@ -113,16 +113,36 @@ def read_metrics(path):
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def plot_curves(metrics_path, png_path, log=None):
-    """Loss and validation accuracy curves from a metrics file; returns the PNG path or None.
-
-    Needs matplotlib (``pip install -e .[plot]``); without it, logs once and returns None.
-    """
+def load_pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(figure, path, dpi):
+    """Write ``figure`` to the PNG ``path`` (through a temporary file, so a reader never sees half a PNG)
+    and close it. Returns ``path``."""
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp_path = str(path) + ".tmp.png"
+    figure.savefig(temp_path, dpi=dpi)
+    plt.close(figure)
+    os.replace(temp_path, path)
+    return path
+
+
+def plot_curves(metrics_path, png_path, log=None):
+    """Loss and validation accuracy curves from a metrics file; returns the PNG path or None.
+
+    Needs matplotlib (``pip install -e .[plot]``); without it, logs once and returns None.
+    """
+    plt = load_pyplot()
+    if plt is None:
         if log:
             log.info("matplotlib is not installed: no curves plot (pip install -e .[plot])")
         return None
@@ -147,8 +167,4 @@ def plot_curves(metrics_path, png_path, log=None):
     acc_axis.set_xlabel("epoch")
     acc_axis.set_ylabel("validation accuracy (%)")
     figure.tight_layout()
-    temp_path = png_path + ".tmp.png"
-    figure.savefig(temp_path, dpi=80)
-    plt.close(figure)
-    os.replace(temp_path, png_path)
-    return png_path
+    return save_figure(figure, png_path, dpi=80)

@@ -16,7 +16,6 @@ family: ``layer1.0.conv2`` ... ``layer4.2.conv2``, ``layers.0.blocks.0.attn`` ..
 """
 import argparse
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -105,11 +104,9 @@ def plot_rates(sources, path, title=None):
         sources: [(label, rows)].
     Returns the PNG path, or None (with a message) when matplotlib is not installed.
     """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from engine.logger import load_pyplot, save_figure
+    plt = load_pyplot()
+    if plt is None:
         print("matplotlib is not installed: no PNG written (pip install matplotlib)", file=sys.stderr)
         return None
     panels = (("rate1 (attention path)", lambda r1, r2: r1), ("rate2 (convolution path)", lambda r1, r2: r2),
@@ -129,12 +126,7 @@ def plot_rates(sources, path, title=None):
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    temp = str(path) + ".tmp.png"
-    figure.savefig(temp, dpi=90)
-    plt.close(figure)
-    os.replace(temp, path)
-    return path
+    return save_figure(figure, path, dpi=90)
 
 
 def parse_args(argv):

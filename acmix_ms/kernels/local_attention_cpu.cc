@@ -58,23 +58,24 @@ bool read_geometry(int64_t **shapes, int *ndims, const char **dtypes, const int3
   return (g->out_h - 1) * g->stride + reach <= g->pad_h && (g->out_w - 1) * g->stride + reach <= g->pad_w;
 }
 
+// dst[j] += x[j] * src[j * stride] for j < n; the stride-1 branch is the one compilers vectorise.
+inline void add_products(float *dst, const float *x, const float *src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] += x[j] * src[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] += x[j] * src[j * stride];
+  }
+}
+
 // acc[p, i, j] += sum_c a[c, i, j] * padded[c, neighbour p of (i, j)]   for all p  (acc: k*k planes)
 void correlate(const Geometry &g, const float *a, const float *padded, float *acc) {
-  const int64_t s = g.stride;
   for (int64_t p = 0; p < g.offsets(); ++p) {
     float *acc_p = acc + p * g.out_plane();
     for (int64_t c = 0; c < g.dim; ++c) {
       const float *a_c = a + c * g.out_plane();
       const float *pad_c = padded + c * g.pad_plane();
       for (int64_t i = 0; i < g.out_h; ++i) {
-        const float *src = pad_c + g.row_start(p, i);
-        const float *a_row = a_c + i * g.out_w;
-        float *acc_row = acc_p + i * g.out_w;
-        if (s == 1) {
-          for (int64_t j = 0; j < g.out_w; ++j) acc_row[j] += a_row[j] * src[j];
-        } else {
-          for (int64_t j = 0; j < g.out_w; ++j) acc_row[j] += a_row[j] * src[j * s];
-        }
+        add_products(acc_p + i * g.out_w, a_c + i * g.out_w, pad_c + g.row_start(p, i), g.out_w, g.stride);
       }
     }
   }
@@ -82,7 +83,6 @@ void correlate(const Geometry &g, const float *a, const float *padded, float *ac
 
 // out[c, i, j] = sum_p weights[p, i, j] * padded[c, neighbour p of (i, j)]   (out: d planes, overwritten)
 void gather(const Geometry &g, const float *weights, const float *padded, float *out) {
-  const int64_t s = g.stride;
   for (int64_t c = 0; c < g.dim; ++c) {
     float *out_c = out + c * g.out_plane();
     std::fill(out_c, out_c + g.out_plane(), 0.0f);
@@ -90,14 +90,7 @@ void gather(const Geometry &g, const float *weights, const float *padded, float 
     for (int64_t p = 0; p < g.offsets(); ++p) {
       const float *w_p = weights + p * g.out_plane();
       for (int64_t i = 0; i < g.out_h; ++i) {
-        const float *src = pad_c + g.row_start(p, i);
-        const float *w_row = w_p + i * g.out_w;
-        float *out_row = out_c + i * g.out_w;
-        if (s == 1) {
-          for (int64_t j = 0; j < g.out_w; ++j) out_row[j] += w_row[j] * src[j];
-        } else {
-          for (int64_t j = 0; j < g.out_w; ++j) out_row[j] += w_row[j] * src[j * s];
-        }
+        add_products(out_c + i * g.out_w, w_p + i * g.out_w, pad_c + g.row_start(p, i), g.out_w, g.stride);
       }
     }
   }
