@@ -123,8 +123,8 @@ def export(args):
     from engine.config import ConfigError
     from engine.runtime import check_input_size, check_positive_arguments, check_writable_folder, setup_context
     check_positive_arguments(args, "batch_size", "image_size", "num_classes")
-    if not (args.atol >= 0 and args.rtol >= 0 and np.isfinite(args.atol) and np.isfinite(args.rtol)):
-        raise ConfigError(f"--atol and --rtol must be finite and >= 0, got {args.atol} and {args.rtol}")
+    if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
+        raise ConfigError(f"--atol and --rtol must be finite, got {args.atol} and {args.rtol}")
     if args.output and not args.output.endswith(FORMATS[args.format]):
         raise ConfigError(f"--output for {args.format} must end with {FORMATS[args.format]}, got {args.output}")
     check_writable_folder(os.path.dirname(os.path.abspath(args.output)) if args.output else
