@@ -97,8 +97,8 @@ def run(args):
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
     from engine.metrics import evaluate
-    from engine.runtime import (check_input_size, check_positive_arguments, check_writable_folder,
-                                given_run_options, model_from_checkpoint, setup_context)
+    from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
+                                model_from_checkpoint, setup_context)
     check_positive_arguments(args, "batch_size", "num_workers", "image_size", "num_classes")
     if args.json_path:
         check_writable_folder(os.path.dirname(os.path.abspath(args.json_path)), "--json")
@@ -107,7 +107,6 @@ def run(args):
     if args.checkpoint:
         model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
-        check_input_size(model, cfg.model, cfg.image_size)
         model.set_train(False)
 
         def predict(images):

@@ -10,13 +10,13 @@ are preprocessed; for other checkpoints give ``--model`` and the other options (
 classes and channels cannot be contradicted). The file is written under a temporary name, reloaded (MINDIR:
 ``ms.load`` + ``nn.GraphCell``; ONNX: onnxruntime when installed) and run on a sample batch; the max
 |difference| to the MindSpore network is printed, and only a file within tolerance is moved to ``--output``.
-NaN or inf in either output fails the check, and the tolerance ``atol + rtol * min(max |output|, 100)`` stops
-growing with the output (a blown-up network cannot pass with a blown-up tolerance). Sliding-window ACmix layers that run a
-device kernel (``attention_impl`` 'auto'/'fused', an ``ops.Custom`` op whose MINDIR would point to this
-machine's compiled library) are first switched to ``--attention_impl`` (standard operators, same weights and
-results). A ``<output>.json`` beside it records the
-input shape, class names and preprocessing for eval.py. Exit codes: 0 verified, 1 outside tolerance or
-export unsupported, 2 bad input.
+NaN or inf in either output fails the check, and the tolerance ``atol + rtol * min(max |output|, 100)``
+stops growing with the output (a blown-up network cannot pass with a blown-up tolerance). Sliding-window
+ACmix layers that run a device kernel (``attention_impl`` 'auto'/'fused', an ``ops.Custom`` op whose MINDIR
+would point to this machine's compiled library) are first switched to ``--attention_impl`` (standard
+operators, same weights and results). A ``<output>.json`` beside it records the input shape, class names
+and preprocessing for eval.py. Exit codes: 0 verified, 1 non-finite output, outside tolerance or export
+unsupported, 2 bad input (a checkpoint holding NaN or inf included).
 """
 import argparse
 import json
@@ -64,7 +64,7 @@ def parse_args(argv):
 def _model_and_info(args):
     """(model, sidecar info): the checkpoint's model, or a randomly initialised one."""
     from engine.config import ConfigError, TRAIN_OPTIONS, build_config, read_yaml
-    from engine.runtime import build_model, given_run_options, model_from_checkpoint, model_kwargs
+    from engine.runtime import build_model, check_input_size, given_run_options, model_from_checkpoint, model_kwargs
     given = given_run_options(args)
     if args.checkpoint:
         model, cfg, meta, use_ema = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
@@ -80,6 +80,7 @@ def _model_and_info(args):
         num_classes = cfg.num_classes or 1000
         model, _ = build_model(cfg.model, num_classes, model_kwargs(cfg.model_overrides, cfg.drop_path_rate,
                                                                     cfg.in_chans), cfg.image_size)
+        check_input_size(model, cfg.model, cfg.image_size)
         info = {"model": cfg.model, "num_classes": num_classes, "class_names": None}
     info.update(image_size=cfg.image_size, in_chans=cfg.in_chans, crop_pct=cfg.crop_pct,
                 interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, data_dir=cfg.data_dir,
@@ -121,7 +122,7 @@ def export(args):
     """Export, verify and move into place; returns (output path, max |diff| or None)."""
     import mindspore as ms
     from engine.config import ConfigError
-    from engine.runtime import check_input_size, check_positive_arguments, check_writable_folder, setup_context
+    from engine.runtime import check_positive_arguments, check_writable_folder, setup_context
     check_positive_arguments(args, "batch_size", "image_size", "num_classes")
     if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
         raise ConfigError(f"--atol and --rtol must be finite, got {args.atol} and {args.rtol}")
@@ -135,7 +136,6 @@ def export(args):
         raise ExportError(f"AIR export needs an Ascend device (device_target is "
                           f"{ms.get_context('device_target')}); use --format MINDIR")
     model, info = _model_and_info(args)
-    check_input_size(model, info["model"], info["image_size"])
     model.set_train(False)
     switched = make_exportable(model, args.attention_impl)
     info["kernel_layers_switched"] = switched

@@ -151,7 +151,7 @@ def key_report(missing, unexpected, mismatched):
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {ckpt} vs model {model}" for name, ckpt, model in mismatched[:20])
         lines.append(f"{len(mismatched)} shape mismatch(es): {shown}")
-    return "\n".join(lines)
+    return "; ".join(lines)
 
 
 def assign_tensors(named_params, tensors):
@@ -204,7 +204,7 @@ def load_tensors_into(model, tensors, meta, path, strict=True, use_ema=False):
     missing, unexpected, mismatched = match_state(named, weights)
     if strict and (missing or unexpected or mismatched):
         who = f" (trained as {meta['model']!r})" if "model" in meta else ""
-        raise CheckpointError(f"checkpoint {path}{who} does not fit the model {type(model).__name__}:\n"
+        raise CheckpointError(f"checkpoint {path}{who} does not fit the model {type(model).__name__}: "
                               + key_report(missing, unexpected, mismatched))
     bad = set(missing) | {name for name, _, _ in mismatched}
     loaded = [(name, param) for name, param in named if name not in bad]

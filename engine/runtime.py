@@ -153,6 +153,8 @@ def check_writable_folder(folder, what):
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{what}: cannot write to {folder} (a file is in the way of that folder)") from None
     except OSError as err:
         raise ConfigError(f"{what}: cannot write to {folder} ({err.strerror or err})") from None
 
@@ -204,7 +206,8 @@ WEIGHT_CHOICES = ("auto", "raw", "ema")
 
 
 def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
-    """Rebuild the model a checkpoint holds and load its weights (strictly; non-finite values refused).
+    """Rebuild the model a checkpoint holds and load its weights (strictly; non-finite values refused); the
+    run's image_size is checked against the model's smallest input first.
 
     Args:
         weights: 'raw' (the optimised weights), 'ema' (the EMA weights), or 'auto': the ones training
@@ -225,5 +228,6 @@ def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
     else:  # older checkpoints: built from the run options, without img_size
         model, _ = build_model(cfg.model, num_classes, model_kwargs(cfg.model_overrides, cfg.drop_path_rate,
                                                                     cfg.in_chans))
+    check_input_size(model, cfg.model, cfg.image_size)
     load_tensors_into(model, tensors, meta, path, strict=True, use_ema=use_ema)
     return model, cfg, meta, use_ema

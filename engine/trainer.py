@@ -284,7 +284,7 @@ class Trainer:
         state = self._state_params()
         missing, unexpected, mismatched = ckpt.match_state(state, tensors)
         if missing or mismatched:
-            raise ckpt.CheckpointError(f"--resume: {path} does not match this run's training state:\n"
+            raise ckpt.CheckpointError(f"--resume: {path} does not match this run's training state: "
                                        + ckpt.key_report(missing, unexpected, mismatched))
         broken = ckpt.non_finite_names({name: tensors[name] for name, _ in state})
         if broken:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the parity tests need the `convert` extra (torch)")
+torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
 
 import mindspore as ms  # noqa: E402
 

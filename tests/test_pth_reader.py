@@ -169,7 +169,8 @@ def bad_files(tmp_path_factory):
     files["garbage"].write_bytes(os.urandom(4096))
     files["empty"] = folder / "empty.pth"
     files["empty"].write_bytes(b"")
-    state = collections.OrderedDict([("head.weight", np.ones((3, 4), np.float32)), ("head.bias", np.zeros(3, np.float32))])
+    state = collections.OrderedDict([("head.weight", np.ones((3, 4), np.float32)),
+                                     ("head.bias", np.zeros(3, np.float32))])
     good = folder / "good.pth"
     official_checkpoint.write_pth(str(good), {"model": state})
     data = good.read_bytes()

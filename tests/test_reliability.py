@@ -116,7 +116,8 @@ def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_is_named
     good = ckpt.read_checkpoint(str(out / "last.ckpt"))[0]
     trainer = Trainer(small_config(small_folder, out, epochs=2, resume="auto"))
     variance = dict(trainer.named_params)["bn2.moving_variance"]
-    variance.set_data(ms.Tensor(variance.asnumpy() * np.inf))  # what a blown-up run leaves in BatchNorm (the loss stays finite)
+    # what a blown-up run leaves in BatchNorm while its loss stays finite
+    variance.set_data(ms.Tensor(variance.asnumpy() * np.inf))
     with pytest.raises(TrainingDiverged) as info:
         trainer.fit()
     message = str(info.value)
