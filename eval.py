@@ -30,7 +30,8 @@ def parse_args(argv):
     from engine.runtime import add_run_option_arguments
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint or MINDIR on an ImageFolder split.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (.ckpt) written by train.py")
+    source.add_argument("--checkpoint", help="checkpoint (.ckpt) of train.py or tools/convert_official.py (others "
+                                             "need --model and the run options)")
     source.add_argument("--mindir", help="MINDIR written by export.py")
     parser.add_argument("--data_dir", help="ImageFolder root (default: the training run's data_dir)")
     parser.add_argument("--split", default=None, help="sub-folder to evaluate (default: the run's val_split)")
@@ -79,15 +80,16 @@ def _mindir_config(args, given):
 def _checked(predict):
     """``predict`` that raises NonFiniteLogits on NaN/inf output (a diverged network scores chance level
     instead of failing: 10 % top-1 on 10 classes looked like a result)."""
-    batches = [0]
+    batch_number = 0
 
     def run(images):
+        nonlocal batch_number
         logits = predict(images)
-        batches[0] += 1
+        batch_number += 1
         if not np.isfinite(logits).all():
             bad = int((~np.isfinite(logits)).any(axis=-1).sum())
             raise NonFiniteLogits(f"the model produced NaN or inf logits for {bad} of {len(logits)} images in "
-                                  f"batch {batches[0]}: its weights are broken (diverged training) or overflow")
+                                  f"batch {batch_number}: its weights are broken (diverged training) or overflow")
         return logits
     return run
 

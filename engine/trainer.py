@@ -141,7 +141,10 @@ class Trainer:
             if self.writer:
                 removed = earlier_run_files(folder)
                 for path in removed:
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
         debris = []
         if self.save_dir is not None:  # the writer rank's save_dir is output_dir
             check_writable_folder(self.save_dir, "option 'output_dir'")
