@@ -260,3 +260,22 @@ def test_conversion_needs_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and os.path.isfile(tmp_path / "r.ckpt")
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("resnet_tiny_acmix", {}),
+    ("swin_tiny_acmix", {"img_size": 32, "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4}),
+])
+def test_official_layout_writer_inverts_the_converter(name, overrides):
+    """tools/official_checkpoint.py's renaming is the exact inverse of models/convert.py (every tensor back)."""
+    import models
+    from models.convert import convert_state_dict, model_parameter_shapes
+    model = models.create_model(name, num_classes=5, **overrides)
+    official = official_checkpoint.official_state_dict(model)
+    assert any(key.endswith("num_batches_tracked") or key.endswith("relative_position_index") for key in official)
+    assert not any(key.endswith((".gamma", ".beta", ".moving_mean", ".moving_variance")) for key in official)
+    converted = convert_state_dict(official, model_parameter_shapes(model))
+    params = {key: param.asnumpy() for key, param in model.parameters_and_names()}
+    assert set(converted) == set(params)
+    for key, value in params.items():
+        np.testing.assert_array_equal(converted[key], value, err_msg=key)
