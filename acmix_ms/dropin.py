@@ -44,7 +44,8 @@ class ConvInit:
     applied: whether the layer now starts from the convolution (False: the paper's initialisation is kept,
     ``reason`` says why). rank: r, the projection rows per group the conv path got; max_rank: R, the
     largest rank a group of the convolution can have. weight_error: ||K - K_acmix|| / ||K|| (Frobenius,
-    over the whole kernel); error_bound: sqrt(1 - r / R), which weight_error never exceeds. bias: 'none',
+    over the whole kernel); error_bound: sqrt(1 - r / R), which weight_error never exceeds (both None when
+    the shapes rule the initialisation out before the factorisation). bias: 'none',
     'exact' (the attention path outputs it) or 'dropped' (no path can output a constant). alignment: a
     note when the output equals the convolution only at some input sizes.
     """
@@ -52,8 +53,8 @@ class ConvInit:
     reason: str = ""
     rank: int = 0
     max_rank: int = 0
-    weight_error: float = float("nan")
-    error_bound: float = float("nan")
+    weight_error: float = None
+    error_bound: float = None
     bias: str = "none"
     alignment: str = ""
 
@@ -336,13 +337,21 @@ def _rename_parameters(layer, path):
         parameter.name = f"{path}.{relative}"
 
 
+def _forget_compiled_graphs(network):
+    """Make the next call of ``network`` (or of any Cell inside it) compile again: MindSpore reuses a Cell's
+    compiled graph, which still holds the replaced convolutions, as long as the Cell's compile cache has it."""
+    for _, cell in network.cells_and_names():
+        cell.compile_cache.clear()
+
+
 def replace_convs(network, kernel_sizes=(3,), strides=(1, 2), num_heads=4, kernel_att=7, kernel_conv=None,
                   shift_impl="learnable", rate_mode="learnable", rates=(0.5, 0.5), attention_impl="auto",
                   select=None, init="paper", init_tolerance=0.1, dry_run=False):
     """Replace the selected k x k ``nn.Conv2d`` layers of ``network`` by ``ACmixLocal``; returns a report.
 
     Args:
-        network: any ``nn.Cell``; changed in place (not with ``dry_run``). Call before its first run.
+        network: any ``nn.Cell``; changed in place (not with ``dry_run``). Its compiled graphs are dropped;
+            Cells built around it before (``TrainOneStepCell``, an AMP wrapper) keep theirs: wrap afterwards.
         kernel_sizes: kernel sizes to replace (odd, square).
         strides: strides to replace; the ACmix layer gets the convolution's stride.
         num_heads, kernel_att, shift_impl, rate_mode, rates, attention_impl: passed to ``ACmixLocal``.
@@ -414,4 +423,6 @@ def replace_convs(network, kernel_sizes=(3,), strides=(1, 2), num_heads=4, kerne
         if not dry_run:
             _put_child(parent, key, layer)
             _rename_parameters(layer, path)
+    if report.replaced and not dry_run:
+        _forget_compiled_graphs(network)
     return report

@@ -136,6 +136,17 @@ def test_replaced_network_keeps_shapes_trains_and_exports(tmp_path):
         np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_network_run_before_the_replacement_runs_the_new_layers():
+    """Graph mode caches a Cell's compiled graph; the replacement must not be hidden behind the old one."""
+    net = nn.SequentialCell(nn.Conv2d(4, 8, 3), nn.ReLU())
+    x = tensor(rng_for("stale").standard_normal((2, 4, 6, 6)))
+    before = net(x).asnumpy()
+    acmix_ms.replace_convs(net, kernel_att=3, attention_impl="unfold")
+    after = net(x).asnumpy()
+    np.testing.assert_allclose(after, np.maximum(net[0](x).asnumpy(), 0), rtol=1e-6, atol=1e-6)
+    assert np.abs(after - before).max() > 1e-2
+
+
 def test_shared_convolution_is_replaced_once_at_every_place():
     shared = nn.Conv2d(8, 8, 3)
     net = nn.SequentialCell(shared, nn.ReLU(), shared)
@@ -278,7 +289,7 @@ class NarrowNet(nn.Cell):
 def test_conv_init_reproduces_narrow_convolutions_exactly():
     """Documented bound (docs/dropin.md): exact layers match the convolution to float32 rounding (< 1e-5)."""
     net = NarrowNet()
-    x = tensor(rng_for("narrow").standard_normal((2, 3, 11, 11)))  # odd sizes: 'same' at stride 2 is centred
+    x = tensor(rng_for("narrow").standard_normal((2, 3, 9, 9)))  # conv3 sees 5 px: odd, so "same" is centred
     before_exact, before_approx = (out.asnumpy() for out in net(x))
     report = acmix_ms.replace_convs(net, init="conv", kernel_att=3, attention_impl="unfold")
     inits = {item.name: item.conv_init for item in report.replaced}
