@@ -4,6 +4,7 @@ The networks are written here (a small foreign backbone), not taken from ``model
 ``numpy_reference`` (conv path, dense-equivalent kernel, projections) and NumPy's ``np.pad(mode='reflect')``
 for the padding of maps smaller than the attention window.
 """
+import json
 import zlib
 
 import numpy as np
@@ -366,3 +367,37 @@ def test_conv_init_with_a_larger_acmix_kernel_and_the_conv_rate_mode():
     assert result.exact and result.rank == 12
     x = tensor(rng_for("k5").standard_normal((1, 12, 7, 7)))
     np.testing.assert_allclose(layer(x).asnumpy(), conv(x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- the worked example script
+def run_example(argv):
+    from examples.dropin_backbone import main
+    return main(argv)
+
+
+@pytest.mark.parametrize("argv,message", [(["--steps", "0"], "--steps must be >= 1"),
+                                          (["--kernel_att", "4"], "--kernel_att must be odd"),
+                                          (["--width", "6"], "divisible by --num_heads 4")])
+def test_example_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_example(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_example_refuses_a_used_output_dir(tmp_path, capsys):
+    (tmp_path / "earlier.txt").write_text("an earlier run")
+    with pytest.raises(SystemExit) as info:
+        run_example(["--output_dir", str(tmp_path)])
+    assert info.value.code == 2 and "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_example_trains_and_exports(tmp_path):
+    """The documented command (docs/dropin.md) with generated data: replaces, trains, exports a verified MINDIR."""
+    out = tmp_path / "run"
+    assert run_example(["--steps", "2", "--batch_size", "4", "--width", "4", "--kernel_att", "7", "--val_size", "8",
+                        "--data", "generated", "--init", "conv", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["report"]["replaced"]) == 8 and len(summary["report"]["skipped"]) == 4
+    assert summary["mindir_max_abs_diff"] < 1e-4 and (out / "backbone_acmix.mindir").is_file()
+    assert (out / "train_log.jsonl").read_text().count("\n") == 1
