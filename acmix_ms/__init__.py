@@ -11,8 +11,10 @@ from .window import ACmixWindow
 from .global_attention import ACmixGlobal
 from .patchwise import ACmixPatchwise
 from .cost import stage_costs
+from .dropin import replace_convs, init_from_conv, ReplacementReport  # drop-in use in any network: docs/dropin.md
 
 __all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES", "ACmixLocal", "attention_backends",
            "set_attention_impl", "ACmixWindow",
            "ACmixGlobal", "ACmixPatchwise", "stage_costs"]
+__all__ += ["replace_convs", "init_from_conv", "ReplacementReport"]
 __version__ = "0.1.0"

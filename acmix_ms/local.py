@@ -10,7 +10,7 @@ from mindspore import nn, ops
 
 from .base import ACmixBase
 from .local_attention import LOCAL_ATTENTION_IMPLS, PORTABLE_IMPLS, attention_backend
-from .spatial import check_reflect_pad, out_size
+from .spatial import out_size, reflect_pad
 from .validation import check_choice, check_divisible, check_odd, check_positive_int
 
 
@@ -95,16 +95,13 @@ class ACmixLocal(ACmixBase):
         return self.conv_p(ops.cast(grid, dtype))
 
     def attention_path(self, qkv, batch, height, width):
-        check_reflect_pad("height", height, self.att_pad)
-        check_reflect_pad("width", width, self.att_pad)
         c, bn, d = self.out_channels, batch * self.num_heads, self.head_dim
         h_out, w_out = out_size(height, self.stride), out_size(width, self.stride)
         query = qkv[:, :c].reshape(bn, d, height, width) * self.scale
         query = query[:, :, ::self.stride, ::self.stride]
         key = qkv[:, c:2 * c].reshape(bn, d, height, width) - self._positional(height, width, qkv.dtype)
         value = qkv[:, 2 * c:].reshape(bn, d, height, width)
-        pad = (self.att_pad,) * 4
-        out = self.aggregate(query, ops.pad(key, pad, mode="reflect"), ops.pad(value, pad, mode="reflect"))
+        out = self.aggregate(query, reflect_pad(key, self.att_pad), reflect_pad(value, self.att_pad))
         return out.reshape(batch, c, h_out, w_out)
 
     def aggregation_macs(self, height, width):

@@ -63,6 +63,48 @@ def neighbourhood_slices(padded, kernel_size, out_h, out_w, stride=1, dilation=1
     return views
 
 
+def reflect_pad(x, pad):
+    """Reflection padding of the last two axes of ``x`` (B, C, H, W) by ``pad`` on every side, for any map size.
+
+    Where ``pad < H`` and ``pad < W`` this is ``ops.pad(x, (pad,) * 4, mode='reflect')`` (edge not repeated).
+    Plain reflection cannot reach further than ``size - 1`` pixels, so along an axis with ``pad >= size`` the
+    map is reflected again and again (the extension that is mirror-symmetric about its first and last pixel,
+    period ``2 * (size - 1)``: NumPy's ``np.pad(mode='reflect')`` for any pad); an axis of size 1 is repeated.
+    Why this and not zero or edge padding: it equals plain reflection wherever that exists, so a layer's
+    output does not jump when a map shrinks below the window, and every neighbour is a pixel of the map. For
+    attention over a window larger than the map, each map pixel appears in the window several times and its
+    softmax weight is multiplied by that count (ordinary reflection already doubles the mirrored pixels at a
+    border); on a 1 x 1 map every neighbour is the pixel itself and attention returns its value.
+    Returns (B, C, H + 2 * pad, W + 2 * pad).
+    """
+    height, width = x.shape[2], x.shape[3]
+    if pad == 0:
+        return x
+    if pad < height and pad < width:
+        return ops.pad(x, (pad,) * 4, mode="reflect")
+    return _reflect_pad_axis(_reflect_pad_axis(x, pad, 2), pad, 3)
+
+
+def _reflect_pad_axis(x, pad, axis):
+    """Reflection padding of one axis (2 or 3) of a 4-D tensor by any ``pad``, in steps plain reflection can do.
+
+    Each step pads by at most the current length - 1; every edge reached is a multiple of ``size - 1`` away
+    from the map, i.e. a mirror axis of the periodic extension, so reflecting the padded map there continues it.
+    """
+    size = x.shape[axis]
+    if size == 1:
+        shape = list(x.shape)
+        shape[axis] = 2 * pad + 1
+        return ops.broadcast_to(x, tuple(shape))
+    done = 0
+    while done < pad:
+        step = min(pad - done, x.shape[axis] - 1)
+        widths = (0, 0, step, step) if axis == 2 else (step, step, 0, 0)
+        x = ops.pad(x, widths, mode="reflect")
+        done += step
+    return x
+
+
 def check_reflect_pad(name, size, pad):
     """Reflection padding by ``pad`` needs more than ``pad`` pixels along the axis."""
     if pad >= size:

@@ -388,11 +388,11 @@ def test_invalid_message_lists_allowed_values():
 
 
 @pytest.mark.parametrize("cell_factory,shape", [
-    pytest.param(lambda: acmix_ms.ACmixLocal(4, 8, kernel_att=7, num_heads=2), (1, 4, 3, 6), id="ACmixLocal"),
     pytest.param(lambda: acmix_ms.ACmixPatchwise(8, 2, 4, share_planes=2, kernel_att=7), (1, 8, 6, 3),
                  id="ACmixPatchwise"),
 ])
 def test_input_smaller_than_reflection_window_raises(cell_factory, shape):
+    """(ACmixLocal pads small maps by repeated reflection instead: tests/test_replace_convs.py)"""
     cell = cell_factory()
     with pytest.raises(ValueError):
         cell(ms.Tensor(np.zeros(shape, np.float32)))
