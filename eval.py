@@ -3,25 +3,40 @@
     python eval.py --checkpoint runs/resnet_tiny/best.ckpt [--data_dir data/fashion_mnist] [--per_class]
     python eval.py --mindir runs/resnet_tiny/model.mindir --data_dir data/fashion_mnist
 
-A training checkpoint carries its run configuration: the model, class names and the evaluation
-preprocessing (resize to image_size / crop_pct, center crop, normalisation) are taken from it, so the
-numbers match the validation of training. A MINDIR reads the same from the ``<file>.json`` that export.py
-writes beside it (or from ``--config``). Exit codes: 0 done, 2 bad input.
+    python eval.py --checkpoint plain.ckpt --model resnet26_acmix --num_classes 10 --image_size 64 --data_dir ...
+
+A checkpoint written by train.py or tools/convert_official.py carries its run configuration: the model,
+class names and the evaluation preprocessing (resize to image_size / crop_pct, center crop, normalisation)
+are taken from it, so the numbers match the validation of training. For a checkpoint without one (any
+MindSpore .ckpt of a registered model) give ``--model`` and the other options, or ``--config`` with them;
+options a checkpoint records may not be contradicted (``--model``, ``--num_classes``, ...), preprocessing
+options given on the command line replace the recorded ones. A MINDIR reads the same from the
+``<file>.json`` that export.py writes beside it (or from ``--config``).
+Exit codes: 0 done, 1 the model produced NaN or inf logits, 2 bad input.
 """
 import argparse
 import json
 import os
 import sys
 
+import numpy as np
+
+
+class NonFiniteLogits(ValueError):
+    """The evaluated model produced NaN or inf logits (a diverged or overflowing network)."""
+
 
 def parse_args(argv):
+    from engine.runtime import add_run_option_arguments
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint or MINDIR on an ImageFolder split.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="training checkpoint (.ckpt) written by train.py")
+    source.add_argument("--checkpoint", help="checkpoint (.ckpt) of train.py or tools/convert_official.py (others "
+                                             "need --model and the run options)")
     source.add_argument("--mindir", help="MINDIR written by export.py")
     parser.add_argument("--data_dir", help="ImageFolder root (default: the training run's data_dir)")
     parser.add_argument("--split", default=None, help="sub-folder to evaluate (default: the run's val_split)")
-    parser.add_argument("--config", help="YAML run config giving the preprocessing (MINDIR without its .json)")
+    parser.add_argument("--config", help="YAML run config giving the model and preprocessing (a MINDIR without its "
+                                         ".json, a checkpoint without a run configuration)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="evaluation batch size; for a MINDIR without its .json: the exported batch size")
     parser.add_argument("--num_workers", type=int, default=None, help="decoding workers")
@@ -32,27 +47,51 @@ def parse_args(argv):
     parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
     parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     parser.add_argument("--mode", choices=("graph", "pynative"), default="graph")
+    add_run_option_arguments(parser, "evaluation crop size (pixels)")
     return parser.parse_args(argv)
 
 
-def _mindir_config(args):
-    """(run Config, class names, fixed batch, num_classes) for a MINDIR: its sidecar JSON, else --config."""
+def _mindir_config(args, given):
+    """(run Config, class names, fixed batch, num_classes) for a MINDIR: its sidecar JSON, else --config; the
+    preprocessing options given on the command line replace theirs."""
     from engine.config import ConfigError, TRAIN_OPTIONS, build_config, read_yaml
+    fixed = sorted(set(given) & {"model", "num_classes", "model_overrides"})
+    if fixed:
+        raise ConfigError(f"--{fixed[0]} does not apply to a MINDIR (its network is fixed): give the preprocessing "
+                          f"options only")
     sidecar = args.mindir + ".json"
     if os.path.isfile(sidecar):
         with open(sidecar, encoding="utf-8") as handle:
             info = json.load(handle)
         values = {key: info[key] for key in ("image_size", "crop_pct", "interpolation", "mean", "std", "in_chans",
                                              "data_dir", "val_split") if key in info}
-        cfg = build_config(TRAIN_OPTIONS, values, file_source=sidecar)
+        cfg = build_config(TRAIN_OPTIONS, dict(values, **given), file_source=sidecar)
         return cfg, info.get("class_names"), info["input_shape"][0], info.get("num_classes")
-    if not args.config:
+    if not args.config and "image_size" not in given:
         raise ConfigError(f"{args.mindir} has no {os.path.basename(sidecar)} beside it: pass --config with the "
-                          f"preprocessing options (image_size, crop_pct, mean, std, ...)")
+                          f"preprocessing options (image_size, crop_pct, mean, std, ...) or give them as options")
     if not args.batch_size:
         raise ConfigError("a MINDIR without its .json needs --batch_size: the batch size it was exported with")
-    cfg = build_config(TRAIN_OPTIONS, read_yaml(args.config), file_source=args.config)
+    values = read_yaml(args.config) if args.config else {}
+    cfg = build_config(TRAIN_OPTIONS, dict(values, **given), file_source=args.config or "command line")
     return cfg, None, args.batch_size, cfg.num_classes
+
+
+def _checked(predict):
+    """``predict`` that raises NonFiniteLogits on NaN/inf output (a diverged network scores chance level
+    instead of failing: 10 % top-1 on 10 classes looked like a result)."""
+    batch_number = 0
+
+    def run(images):
+        nonlocal batch_number
+        logits = predict(images)
+        batch_number += 1
+        if not np.isfinite(logits).all():
+            bad = int((~np.isfinite(logits)).any(axis=-1).sum())
+            raise NonFiniteLogits(f"the model produced NaN or inf logits for {bad} of {len(logits)} images in "
+                                  f"batch {batch_number}: its weights are broken (diverged training) or overflow")
+        return logits
+    return run
 
 
 def run(args):
@@ -60,10 +99,15 @@ def run(args):
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
     from engine.metrics import evaluate
-    from engine.runtime import model_from_checkpoint, setup_context
+    from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
+                                model_from_checkpoint, setup_context)
+    check_positive_arguments(args, "batch_size", "num_workers", "image_size", "num_classes")
+    if args.json_path:
+        check_writable_folder(os.path.dirname(os.path.abspath(args.json_path)), "--json")
+    given = given_run_options(args)
     setup_context(args.mode, args.device_target)
     if args.checkpoint:
-        model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights)
+        model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
         model.set_train(False)
 
@@ -72,7 +116,7 @@ def run(args):
     else:
         if not os.path.isfile(args.mindir):
             raise DataError(f"MINDIR not found: {args.mindir}")
-        cfg, class_names, fixed_batch, num_classes = _mindir_config(args)
+        cfg, class_names, fixed_batch, num_classes = _mindir_config(args, given)
         graph = ms.nn.GraphCell(ms.load(args.mindir))
 
         def predict(images):
@@ -90,7 +134,7 @@ def run(args):
     if num_classes is None:  # a MINDIR with --config and no num_classes: one output per class folder
         num_classes = len(index.classes)
     batch = fixed_batch or args.batch_size or cfg.eval_batch_size or cfg.batch_size
-    meter = evaluate(predict, eval_dataset(cfg, index, batch), num_classes, fixed_batch=fixed_batch)
+    meter = evaluate(_checked(predict), eval_dataset(cfg, index, batch), num_classes, fixed_batch=fixed_batch)
     result = dict(meter.result(), source=args.checkpoint or args.mindir, data=index.root)
     names = class_names or index.classes
     result["per_class"] = {names[i] if i < len(names) else str(i): {"top1": acc, "count": count}
@@ -109,6 +153,9 @@ def main(argv=None):
     except (ConfigError, DataError, CheckpointError, ModelBuildError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLogits as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"{result['source']} on {result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({result['count']} images)")
     if args.per_class:

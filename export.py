@@ -3,15 +3,20 @@
     python export.py --checkpoint runs/resnet_tiny/best.ckpt --batch_size 1 [--image_size 32] \
         [--output runs/resnet_tiny/model.mindir] [--format MINDIR|ONNX|AIR] [--weights auto|raw|ema]
     python export.py --model resnet26_acmix --num_classes 1000 --image_size 224      # random weights
+    python export.py --checkpoint plain.ckpt --model resnet26_acmix --num_classes 10   # a .ckpt without a config
 
-The file is written under a temporary name, reloaded (MINDIR: ``ms.load`` + ``nn.GraphCell``; ONNX:
-onnxruntime when installed) and run on a sample batch; the max |difference| to the MindSpore network is
-printed, and only a file within tolerance is moved to ``--output``. Sliding-window ACmix layers that run a
-device kernel (``attention_impl`` 'auto'/'fused', an ``ops.Custom`` op whose MINDIR would point to this
-machine's compiled library) are first switched to ``--attention_impl`` (standard operators, same weights and
-results). A ``<output>.json`` beside it records the
-input shape, class names and preprocessing for eval.py. Exit codes: 0 verified, 1 outside tolerance or
-export unsupported, 2 bad input.
+A checkpoint written by train.py or tools/convert_official.py says which model it holds and how its inputs
+are preprocessed; for other checkpoints give ``--model`` and the other options (a checkpoint's own model,
+classes and channels cannot be contradicted). The file is written under a temporary name, reloaded (MINDIR:
+``ms.load`` + ``nn.GraphCell``; ONNX: onnxruntime when installed) and run on a sample batch; the max
+|difference| to the MindSpore network is printed, and only a file within tolerance is moved to ``--output``.
+NaN or inf in either output fails the check, and the tolerance ``atol + rtol * min(max |output|, 100)``
+stops growing with the output (a blown-up network cannot pass with a blown-up tolerance). Sliding-window
+ACmix layers that run a device kernel (``attention_impl`` 'auto'/'fused', an ``ops.Custom`` op whose MINDIR
+would point to this machine's compiled library) are first switched to ``--attention_impl`` (standard
+operators, same weights and results). A ``<output>.json`` beside it records the input shape, class names
+and preprocessing for eval.py. Exit codes: 0 verified, 1 non-finite output, outside tolerance or export
+unsupported, 2 bad input (a checkpoint holding NaN or inf included).
 """
 import argparse
 import json
@@ -22,6 +27,7 @@ import tempfile
 
 import numpy as np
 
+OUTPUT_SCALE_CAP = 100.0  # logits of a working classifier stay far below; beyond it rtol stops widening the bound
 PORTABLE_IMPLS = ("unfold", "lean")  # = acmix_ms.local_attention.PORTABLE_IMPLS (not imported: fast --help)
 FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 # operators whose ONNX export MindSpore 2.8 lacks (seen on CPU): name them when ONNX export fails
@@ -33,14 +39,13 @@ class ExportError(RuntimeError):
 
 
 def parse_args(argv):
+    from engine.runtime import add_run_option_arguments
     parser = argparse.ArgumentParser(description="Export a model and check the exported file's output.")
-    parser.add_argument("--checkpoint", help="training checkpoint (model, classes and preprocessing come from it)")
-    parser.add_argument("--model", help="registered model name (without --checkpoint: random weights)")
-    parser.add_argument("--num_classes", type=int, default=None, help="classifier width (without --checkpoint)")
-    parser.add_argument("--in_chans", type=int, default=None, help="input channels (default: the run's, or 3)")
+    parser.add_argument("--checkpoint", help="checkpoint (train.py and convert_official.py record model, classes "
+                                             "and preprocessing in it); without it: random weights")
+    parser.add_argument("--config", help="YAML run config with the model and preprocessing options of a "
+                                         "checkpoint that does not record them")
     parser.add_argument("--batch_size", type=int, default=1, help="batch size of the exported input")
-    parser.add_argument("--image_size", type=int, default=None, help="input height and width "
-                        "(default: the run's image_size, or 224)")
     parser.add_argument("--format", default="MINDIR", type=str.upper, choices=sorted(FORMATS))
     parser.add_argument("--output", help="exported file (default: next to the checkpoint, model.<ext>)")
     parser.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
@@ -52,30 +57,35 @@ def parse_args(argv):
                              "operators; lean: least memory at large inputs)")
     parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample batch")
+    add_run_option_arguments(parser, "input height and width (default: the run's image_size, or 224)")
     return parser.parse_args(argv)
 
 
 def _model_and_info(args):
-    from engine.config import ConfigError
-    from engine.runtime import build_model, model_from_checkpoint
+    """(model, sidecar info): the checkpoint's model, or a randomly initialised one."""
+    from engine.config import ConfigError, TRAIN_OPTIONS, build_config, read_yaml
+    from engine.runtime import build_model, check_input_size, given_run_options, model_from_checkpoint, model_kwargs
+    given = given_run_options(args)
     if args.checkpoint:
-        model, cfg, meta, use_ema = model_from_checkpoint(args.checkpoint, args.weights)
+        model, cfg, meta, use_ema = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         info = {"model": cfg.model, "num_classes": meta["num_classes"], "class_names": meta.get("class_names"),
-                "image_size": args.image_size or cfg.image_size, "in_chans": cfg.in_chans,
-                "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation, "mean": cfg.mean, "std": cfg.std,
-                "data_dir": cfg.data_dir, "val_split": cfg.val_split, "checkpoint": os.path.abspath(args.checkpoint),
-                "weights": "ema" if use_ema else "raw"}
-        if args.in_chans is not None and args.in_chans != cfg.in_chans:
-            raise ConfigError(f"--in_chans {args.in_chans} differs from the checkpoint's in_chans {cfg.in_chans}")
-        return model, info
-    if not args.model:
-        raise ConfigError("give --checkpoint (a training checkpoint) or --model (random weights)")
-    if args.weights != "auto":
-        raise ConfigError("--weights needs --checkpoint")
-    in_chans = args.in_chans or 3
-    model = build_model(args.model, args.num_classes or 1000, in_chans=in_chans)
-    return model, {"model": args.model, "num_classes": args.num_classes or 1000, "class_names": None,
-                   "image_size": args.image_size or 224, "in_chans": in_chans}
+                "checkpoint": os.path.abspath(args.checkpoint), "weights": "ema" if use_ema else "raw"}
+    else:
+        if args.weights != "auto":
+            raise ConfigError("--weights needs --checkpoint")
+        values = dict(read_yaml(args.config) if args.config else {}, **given)
+        if not values.get("model"):
+            raise ConfigError("give --checkpoint (trained or converted weights) or --model (random weights)")
+        cfg = build_config(TRAIN_OPTIONS, values, file_source=args.config or "command line")
+        num_classes = cfg.num_classes or 1000
+        model, _ = build_model(cfg.model, num_classes, model_kwargs(cfg.model_overrides, cfg.drop_path_rate,
+                                                                    cfg.in_chans), cfg.image_size)
+        check_input_size(model, cfg.model, cfg.image_size)
+        info = {"model": cfg.model, "num_classes": num_classes, "class_names": None}
+    info.update(image_size=cfg.image_size, in_chans=cfg.in_chans, crop_pct=cfg.crop_pct,
+                interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, data_dir=cfg.data_dir,
+                val_split=cfg.val_split)
+    return model, info
 
 
 def make_exportable(model, attention_impl="unfold"):
@@ -112,11 +122,15 @@ def export(args):
     """Export, verify and move into place; returns (output path, max |diff| or None)."""
     import mindspore as ms
     from engine.config import ConfigError
-    from engine.runtime import setup_context
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.image_size is not None and args.image_size < 1:
-        raise ConfigError(f"--image_size must be >= 1, got {args.image_size}")
+    from engine.runtime import check_positive_arguments, check_writable_folder, setup_context
+    check_positive_arguments(args, "batch_size", "image_size", "num_classes")
+    if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
+        raise ConfigError(f"--atol and --rtol must be finite, got {args.atol} and {args.rtol}")
+    if args.output and not args.output.endswith(FORMATS[args.format]):
+        raise ConfigError(f"--output for {args.format} must end with {FORMATS[args.format]}, got {args.output}")
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)) if args.output else
+                          os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd(),
+                          "--output")
     setup_context("graph", args.device_target)
     if args.format == "AIR" and ms.get_context("device_target") != "Ascend":
         raise ExportError(f"AIR export needs an Ascend device (device_target is "
@@ -128,11 +142,12 @@ def export(args):
     suffix = FORMATS[args.format]
     output = args.output or os.path.join(os.path.dirname(args.checkpoint) if args.checkpoint else ".",
                                          f"{info['model']}{suffix}")
-    if not output.endswith(suffix):
-        raise ConfigError(f"--output for {args.format} must end with {suffix}, got {output}")
     shape = (args.batch_size, info["in_chans"], info["image_size"], info["image_size"])
     sample = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
     reference = model(ms.Tensor(sample)).asnumpy()
+    if not np.isfinite(reference).all():
+        raise ExportError(f"the network's own output on the sample holds NaN or inf: its weights are broken "
+                          f"(diverged training?); nothing was exported")
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=".export-", dir=folder)
@@ -154,10 +169,13 @@ def export(args):
             if exported.shape != reference.shape:
                 raise ExportError(f"exported output shape {exported.shape} differs from the network's "
                                   f"{reference.shape}")
+            if not np.isfinite(exported).all():
+                raise ExportError(f"the exported {args.format} file outputs NaN or inf on the sample (the network "
+                                  f"does not); the file was not written")
             max_diff = float(np.abs(exported.astype(np.float64) - reference).max())
-            bound = args.atol + args.rtol * float(np.abs(reference).max())
+            bound = args.atol + args.rtol * min(float(np.abs(reference).max()), OUTPUT_SCALE_CAP)
             print(f"max |diff| exported vs network on a {shape} sample: {max_diff:.3e} (tolerance {bound:.3e})")
-            if max_diff > bound:
+            if not max_diff <= bound:
                 raise ExportError(f"exported {args.format} output differs from the network by {max_diff:.3e} "
                                   f"> {bound:.3e}; the file was not written")
         os.replace(written, output)

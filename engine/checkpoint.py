@@ -21,21 +21,50 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
+class NonFiniteStateError(CheckpointError):
+    """A state to be saved holds NaN or inf; ``names`` lists the tensors."""
+
+    def __init__(self, path, names):
+        self.names = names
+        super().__init__(f"not writing {path}: {len(names)} tensor(s) hold NaN or inf ({_describe(names, 5)})")
+
+
+TEMP_PREFIX = ".tmp-"
+
+
+def remove_temp_files(folder):
+    """Delete the ``.tmp-*.ckpt`` files an interrupted ``save_checkpoint`` left in ``folder``; returns them."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(entry.path for entry in os.scandir(folder)
+                   if entry.is_file() and entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(".ckpt"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
 def _to_numpy(value):
     return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
 
 
-def save_checkpoint(path, tensors, meta=None):
+def save_checkpoint(path, tensors, meta=None, require_finite=True):
     """Write ``tensors`` (iterable of (name, Tensor/Parameter/array)) and ``meta`` atomically to ``path``.
 
     The file is written under a temporary name in the same folder and renamed over ``path``, so a crash
     while writing leaves the previous checkpoint intact. ``meta`` values: int, float, bool or str
     (stored as ``meta.<key>``; dicts/lists are stored as JSON text).
+    Raises:
+        NonFiniteStateError (nothing written) when ``require_finite`` and a tensor holds NaN or inf.
     """
     import mindspore as ms
+    arrays = [(name, _to_numpy(value)) for name, value in tensors]
+    if require_finite:
+        broken = non_finite_names(dict(arrays))
+        if broken:
+            raise NonFiniteStateError(path, broken)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    entries = [{"name": name, "data": ms.Tensor(_to_numpy(value))} for name, value in tensors]
+    entries = [{"name": name, "data": ms.Tensor(array)} for name, array in arrays]
     append = {}
     for key, value in (meta or {}).items():
         if isinstance(value, (dict, list, tuple)):
@@ -45,7 +74,7 @@ def save_checkpoint(path, tensors, meta=None):
         elif not isinstance(value, (bool, int, float, str)):
             raise TypeError(f"meta value {key!r} has unsupported type {type(value).__name__}")
         append[f"meta.{key}"] = value
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+    handle, temp_path = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".ckpt", dir=folder)
     os.close(handle)
     try:
         ms.save_checkpoint(entries, temp_path, append_dict=append or None)
@@ -122,7 +151,7 @@ def key_report(missing, unexpected, mismatched):
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {ckpt} vs model {model}" for name, ckpt, model in mismatched[:20])
         lines.append(f"{len(mismatched)} shape mismatch(es): {shown}")
-    return "\n".join(lines)
+    return "; ".join(lines)
 
 
 def assign_tensors(named_params, tensors):
@@ -130,6 +159,16 @@ def assign_tensors(named_params, tensors):
     import mindspore as ms
     for name, param in named_params:
         param.set_data(ms.Tensor(tensors[name], dtype=param.dtype))
+
+
+def non_finite_names(tensors):
+    """Names of the arrays in ``tensors`` ({name: array}) holding NaN or +-inf (floating types only)."""
+    bad = []
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad.append(name)
+    return bad
 
 
 def load_checkpoint_into(model, path, strict=True, use_ema=False):
@@ -144,8 +183,15 @@ def load_checkpoint_into(model, path, strict=True, use_ema=False):
         use_ema: load the ``ema.`` weights of a training checkpoint instead of the raw ones.
     Returns:
         (missing, unexpected, mismatched) as in ``match_state``.
+    Raises:
+        CheckpointError also when a weight holds NaN or inf (a diverged run's state is never loaded).
     """
     tensors, meta = read_checkpoint(path)
+    return load_tensors_into(model, tensors, meta, path, strict, use_ema)
+
+
+def load_tensors_into(model, tensors, meta, path, strict=True, use_ema=False):
+    """``load_checkpoint_into`` for a checkpoint already read with ``read_checkpoint``."""
     if use_ema:
         ema = {name[4:]: value for name, value in tensors.items() if name.startswith("ema.")}
         if not ema:
@@ -158,8 +204,13 @@ def load_checkpoint_into(model, path, strict=True, use_ema=False):
     missing, unexpected, mismatched = match_state(named, weights)
     if strict and (missing or unexpected or mismatched):
         who = f" (trained as {meta['model']!r})" if "model" in meta else ""
-        raise CheckpointError(f"checkpoint {path}{who} does not fit the model {type(model).__name__}:\n"
+        raise CheckpointError(f"checkpoint {path}{who} does not fit the model {type(model).__name__}: "
                               + key_report(missing, unexpected, mismatched))
     bad = set(missing) | {name for name, _, _ in mismatched}
-    assign_tensors([(name, param) for name, param in named if name not in bad], weights)
+    loaded = [(name, param) for name, param in named if name not in bad]
+    broken = non_finite_names({name: weights[name] for name, _ in loaded})
+    if broken:
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s) "
+                              f"({_describe(broken, 5)}): it comes from a diverged run and is not loaded")
+    assign_tensors(loaded, weights)
     return missing, unexpected, mismatched

@@ -11,6 +11,7 @@ values). A run's configuration is built from, in increasing priority:
 Unknown option names and values of the wrong type raise ``ConfigError`` naming the option.
 """
 import difflib
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ def _coerce(option, value, source):
         if not isinstance(value, (int, float)):
             fail("a number")
         value = float(value)
+        if not math.isfinite(value):
+            fail("a finite number")
     elif kind == "str":
         if not isinstance(value, str):
             fail("a string")
@@ -82,6 +85,8 @@ def _coerce(option, value, source):
                 items.append(float(item))
             except (TypeError, ValueError):
                 fail("a list of numbers")
+            if not math.isfinite(items[-1]):
+                fail("a list of finite numbers")
         value = items
     elif kind == "str_list":
         if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
@@ -130,7 +135,7 @@ TRAIN_OPTIONS = (
         ("batch_size", "int", 128, "training batch size per device"),
         ("eval_batch_size", "int", None, "validation batch size (null: batch_size)", {"optional": True}),
         ("num_workers", "int", 4, "parallel decoding/augmentation workers per device"),
-        ("verify_images", "bool", True, "open every image header before training to find unreadable files"),
+        ("verify_images", "bool", True, "decode every image before training to find unreadable or truncated files"),
         ("bad_images", "str", "fail", "unreadable images: fail, or skip them with a counted warning",
          {"choices": ("fail", "skip")}),
     )
@@ -194,6 +199,10 @@ TRAIN_OPTIONS = (
         ("save_every_epochs", "int", 1, "write last.ckpt every N epochs (and always at the end)"),
         ("save_every_steps", "int", 0, "also write last.ckpt every N steps (0: off)"),
         ("keep_epoch_checkpoints", "bool", False, "also keep epoch_NNN.ckpt for every saved epoch"),
+        ("keep_checkpoint_max", "int", 0, "with keep_epoch_checkpoints: keep only the newest N epoch_NNN.ckpt "
+                                          "(0: all)"),
+        ("overwrite", "bool", False, "start a new run in an output_dir that holds an earlier run: delete that "
+                                     "run's checkpoints, logs and metrics first (without it: refused)"),
         ("save_on_all_ranks", "bool", False, "data parallel: every rank writes its own rank_<r>/ checkpoints"),
         ("stop_at_step", "int", None, "stop (and save) after this global step, e.g. to split a long run",
          {"optional": True}),
@@ -345,6 +354,30 @@ def check_train_config(cfg):
         raise ConfigError(f"option 'clip_grad_norm' must be > 0 (or null), got {cfg.clip_grad_norm}")
     if cfg.stop_at_step is not None and cfg.stop_at_step < 1:
         raise ConfigError(f"option 'stop_at_step' must be >= 1 (or null), got {cfg.stop_at_step}")
+    for name in ("num_classes", "eval_batch_size", "lr_base_batch"):
+        if cfg[name] is not None and cfg[name] < 1:
+            raise ConfigError(f"option '{name}' must be >= 1 (or null), got {cfg[name]}")
+    for name in ("weight_decay", "min_lr", "warmup_lr", "mixup", "cutmix", "save_every_steps", "keep_checkpoint_max",
+                 "randaugment_ops"):
+        if cfg[name] < 0:
+            raise ConfigError(f"option '{name}' must be >= 0, got {cfg[name]}")
+    if not 0 <= cfg.randaugment_magnitude <= 30:
+        raise ConfigError(f"option 'randaugment_magnitude' must be in [0, 30], got {cfg.randaugment_magnitude}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"option 'momentum' must be in [0, 1), got {cfg.momentum}")
+    if not all(0.0 <= beta < 1.0 for beta in cfg.betas):
+        raise ConfigError(f"option 'betas' must be two values in [0, 1), got {cfg.betas}")
+    if cfg.eps <= 0:
+        raise ConfigError(f"option 'eps' must be > 0, got {cfg.eps}")
+    if cfg.drop_path_rate is not None and not 0.0 <= cfg.drop_path_rate < 1.0:
+        raise ConfigError(f"option 'drop_path_rate' must be in [0, 1) (or null), got {cfg.drop_path_rate}")
+    if min(cfg.std) <= 0:
+        raise ConfigError(f"option 'std' must hold values > 0, got {cfg.std}")
+    for name, upper in (("scale", 1.0), ("ratio", None)):
+        low, high = cfg[name]
+        if not 0 < low <= high or (upper is not None and high > upper):
+            bound = f" and <= {upper}" if upper is not None else ""
+            raise ConfigError(f"option '{name}' must be [low, high] with 0 < low <= high{bound}, got {cfg[name]}")
 
 
 def help_text(options=TRAIN_OPTIONS, program="train.py"):

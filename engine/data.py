@@ -3,8 +3,8 @@
 Layout: ``<data_dir>/<split>/<class name>/<image file>``. Labels are the indices of the class folder names
 sorted alphabetically, identical for every split (a split whose class folders differ is rejected).
 
-* ``scan_split`` lists a split and (optionally) opens every image header, so a missing or empty folder,
-  a class mismatch or an unreadable file is reported before any graph is compiled.
+* ``scan_split`` lists a split and (optionally) decodes every image, so a missing or empty folder,
+  a class mismatch or an unreadable or truncated file is reported before any graph is compiled.
 * ``train_dataset``: decode -> RandomResizedCrop -> flip -> RandAugment (opt.) -> normalise -> CHW ->
   RandomErasing (opt.) -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank for data parallel.
 * ``eval_dataset``: decode -> resize to image_size / crop_pct -> center crop -> normalise -> CHW.
@@ -49,11 +49,20 @@ class SplitIndex:
 
 
 def _image_problem(path):
-    """None if PIL can identify the image and its header/structure checks pass, else the reason."""
+    """None if the whole image decodes, else the reason.
+
+    ``verify()`` checks headers (and PNG checksums) only: a JPEG cut short late in the file passes it, then
+    stops the training pipeline mid-epoch. So every file is also decoded to its end; JPEGs in PIL's draft
+    mode (1/8 scale: the whole entropy-coded stream is read, the costly full-size inverse DCT skipped).
+    """
     from PIL import Image
     try:
         with Image.open(path) as image:
             image.verify()
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
         return None
     except Exception as err:  # PIL raises many types for broken files; all mean "unreadable"
         return f"{type(err).__name__}: {err}"
@@ -63,7 +72,7 @@ def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threa
     """List ``data_dir/split`` and check it can be trained on.
 
     Args:
-        verify_images: open every image header (PIL ``verify``) to find unreadable files.
+        verify_images: check and decode every image (PIL) to find unreadable or truncated files.
         bad_images: 'fail' raises DataError listing the unreadable files; 'skip' drops them with a
             counted warning.
     Returns:

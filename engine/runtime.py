@@ -59,51 +59,175 @@ class ModelBuildError(ValueError):
     """The configured model cannot be built (unknown name, bad constructor argument)."""
 
 
-def build_model(name, num_classes, model_overrides=None, drop_path_rate=None, in_chans=3):
-    """``models.create_model`` with the run's options (only non-default ones are passed to the constructor)."""
-    import models  # noqa: F401  (importing the package registers the model families)
-    from models.registry import create_model
+def model_kwargs(model_overrides=None, drop_path_rate=None, in_chans=3):
+    """Constructor keyword arguments of a run's model (only the non-default ones)."""
     kwargs = dict(model_overrides or {})
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
     if in_chans != 3:
         kwargs["in_chans"] = in_chans
+    return kwargs
+
+
+def build_model(name, num_classes, kwargs=None, image_size=None):
+    """``models.create_model(name, num_classes, **kwargs)``; models that take ``img_size`` (Swin's windows,
+    PVT's position embeddings) are built for ``image_size`` unless ``kwargs`` sets it.
+
+    Returns:
+        (model, the keyword arguments it was built with): what a checkpoint records to rebuild it.
+    Raises:
+        ModelBuildError naming the model and the offending argument.
+    """
+    import models  # noqa: F401  (importing the package registers the model families)
+    from models.registry import create_model
+    kwargs = dict(kwargs or {})
+    if image_size is not None and "img_size" not in kwargs:
+        sized = dict(kwargs, img_size=image_size)
+        try:
+            return create_model(name, num_classes=num_classes, **sized), sized
+        except TypeError:  # the constructor takes no img_size (its error names it): build without
+            pass
+        except ValueError as err:
+            raise ModelBuildError(f"cannot build model {name!r} with {sized}: {err}") from None
     try:
-        return create_model(name, num_classes=num_classes, **kwargs)
+        return create_model(name, num_classes=num_classes, **kwargs), kwargs
     except (TypeError, ValueError) as err:
         extra = f" with {kwargs}" if kwargs else ""
         raise ModelBuildError(f"cannot build model {name!r}{extra}: {err}") from None
 
 
-def config_from_checkpoint(path):
-    """(run Config, meta) of a training checkpoint written by train.py."""
+def check_input_size(model, name, image_size):
+    """ConfigError when ``image_size`` is below the smallest input the model runs on (``min_input_size``)."""
+    from .config import ConfigError
+    smallest = int(getattr(model, "min_input_size", 1) or 1)
+    if image_size < smallest:
+        raise ConfigError(f"image_size {image_size} is too small for {name}: it needs at least {smallest} px per "
+                          f"side (its attention padding and downsampling); use --image_size {smallest} or more")
+
+
+MODEL_OPTIONS = ("model", "num_classes", "in_chans", "model_overrides")
+RUN_OPTIONS = MODEL_OPTIONS + ("image_size", "crop_pct", "interpolation", "mean", "std")
+
+
+def add_run_option_arguments(parser, image_size_help="input height and width"):
+    """The ``RUN_OPTIONS`` as command-line arguments of eval.py / export.py (all default to None: not given)."""
     import yaml
-    from .checkpoint import CheckpointError, read_meta
-    from .config import TRAIN_OPTIONS, build_config
-    meta = read_meta(path)
-    if "config" not in meta or "model" not in meta:
-        raise CheckpointError(f"{path} has no run configuration (not written by train.py): pass the model "
-                              f"name and preprocessing options explicitly")
-    return build_config(TRAIN_OPTIONS, yaml.safe_load(meta["config"]), file_source=path), meta
+
+    def mapping(text):
+        value = yaml.safe_load(text)
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+    mapping.__name__ = "YAML mapping"
+    group = parser.add_argument_group("model and preprocessing (taken from the checkpoint when it records them)")
+    group.add_argument("--model", help="registered model name (a checkpoint's own model cannot be changed)")
+    group.add_argument("--num_classes", type=int, help="classifier width")
+    group.add_argument("--in_chans", type=int, help="input channels (1 or 3)")
+    group.add_argument("--model_overrides", type=mapping, help="constructor arguments, e.g. '{embed_dim: 16}'")
+    group.add_argument("--image_size", type=int, help=image_size_help)
+    group.add_argument("--crop_pct", type=float, help="resize to image_size / crop_pct, then center crop")
+    group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
+    group.add_argument("--mean", type=float, nargs="+", help="per-channel mean of pixels in [0, 1]")
+    group.add_argument("--std", type=float, nargs="+", help="per-channel std of pixels in [0, 1]")
+
+
+def given_run_options(args):
+    """{option: value} of the RUN_OPTIONS given on the command line (``add_run_option_arguments``)."""
+    return {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name, None) is not None}
+
+
+def check_positive_arguments(args, *names):
+    """ConfigError for a given integer argument below 1 (e.g. --batch_size -1)."""
+    from .config import ConfigError
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+
+
+def check_writable_folder(folder, what):
+    """ConfigError naming ``what`` unless ``folder`` can be created and written (checked with a probe file)."""
+    import tempfile
+    from .config import ConfigError
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{what}: cannot write to {folder} (a file is in the way of that folder)") from None
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot write to {folder} ({err.strerror or err})") from None
+
+
+def _classifier_width(tensors):
+    for key in ("head.weight", "fc.weight"):
+        if key in tensors and tensors[key].ndim >= 1:
+            return int(tensors[key].shape[0])
+    return None
+
+
+def checkpoint_run_config(path, tensors, meta, given=None, config_file=None):
+    """The run configuration to rebuild and evaluate a checkpoint's model.
+
+    Sources, in increasing priority: ``config_file`` (only for a checkpoint without a run configuration),
+    the checkpoint's own configuration (train.py and tools/convert_official.py write one), then ``given``
+    (command-line values of ``RUN_OPTIONS``; None = not given). A given model option (``MODEL_OPTIONS``) that
+    contradicts the checkpoint is an error; given preprocessing options replace the stored ones.
+    Returns:
+        (Config, num_classes, stored model kwargs or None)
+    """
+    import yaml
+    from .config import ConfigError, TRAIN_OPTIONS, build_config, read_yaml
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    stored = (yaml.safe_load(meta["config"]) or {}) if "config" in meta else {}
+    stored.update({key: meta[key] for key in ("model", "num_classes") if meta.get(key) is not None})
+    for name in MODEL_OPTIONS:
+        if name in given and stored.get(name) is not None:
+            have, want = stored[name], given[name]
+            if (dict(have) != dict(want)) if name == "model_overrides" else (have != want):
+                raise ConfigError(f"--{name} {want!r} contradicts the checkpoint {path}, which holds {name} "
+                                  f"{have!r}: leave --{name} out (the checkpoint says it)")
+    source = path
+    if "config" not in meta and config_file:
+        stored, source = dict(read_yaml(config_file), **stored), config_file
+    values = dict(stored, **given)
+    if values.get("model") is None:
+        raise ConfigError(f"{path} does not say which model it holds (no run configuration): pass --model NAME "
+                          f"(and --num_classes, --image_size, --mean, --std as it was trained)")
+    if values.get("num_classes") is None:
+        values["num_classes"] = _classifier_width(tensors)
+        if values["num_classes"] is None:
+            raise ConfigError(f"{path} does not say how many classes its model has: pass --num_classes N")
+    cfg = build_config(TRAIN_OPTIONS, values, file_source=source)
+    return cfg, cfg.num_classes, meta.get("model_kwargs")
 
 
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
 
-def model_from_checkpoint(path, weights="auto"):
-    """Rebuild the model a training checkpoint was trained as and load its weights (strictly).
+def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
+    """Rebuild the model a checkpoint holds and load its weights (strictly; non-finite values refused); the
+    run's image_size is checked against the model's smallest input first.
 
     Args:
         weights: 'raw' (the optimised weights), 'ema' (the EMA weights), or 'auto': the ones training
             validated (EMA when the run kept an EMA and had eval_ema on).
+        given, config_file: run options for checkpoints that lack them (see ``checkpoint_run_config``).
     Returns:
-        (model, run Config, meta, use_ema).
+        (model, run Config, meta, use_ema); ``meta["num_classes"]`` is set.
     """
-    from .checkpoint import load_checkpoint_into
+    from .checkpoint import read_checkpoint, load_tensors_into
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights={weights!r} is not supported; allowed values: {WEIGHT_CHOICES}")
-    cfg, meta = config_from_checkpoint(path)
+    tensors, meta = read_checkpoint(path)
+    cfg, num_classes, stored_kwargs = checkpoint_run_config(path, tensors, meta, given, config_file)
+    meta = dict(meta, num_classes=num_classes)
     use_ema = weights == "ema" or (weights == "auto" and bool(meta.get("has_ema")) and cfg.eval_ema)
-    model = build_model(cfg.model, meta["num_classes"], cfg.model_overrides, cfg.drop_path_rate, cfg.in_chans)
-    load_checkpoint_into(model, path, strict=True, use_ema=use_ema)
+    if stored_kwargs is not None:  # exactly how the model was built (newer checkpoints)
+        model, _ = build_model(cfg.model, num_classes, stored_kwargs)
+    else:  # older checkpoints: built from the run options, without img_size
+        model, _ = build_model(cfg.model, num_classes, model_kwargs(cfg.model_overrides, cfg.drop_path_rate,
+                                                                    cfg.in_chans))
+    check_input_size(model, cfg.model, cfg.image_size)
+    load_tensors_into(model, tensors, meta, path, strict=True, use_ema=use_ema)
     return model, cfg, meta, use_ema

@@ -5,11 +5,18 @@ the writer rank (rank 0) into ``cfg.output_dir``:
 
 * ``last.ckpt``: full training state, every ``save_every_epochs`` epochs, every ``save_every_steps`` steps,
   at ``stop_at_step`` and at the end; ``best.ckpt``: the state with the best validation top-1;
-  ``epoch_NNN.ckpt`` with ``keep_epoch_checkpoints``; ``config.yaml``, ``train.log``, ``metrics.jsonl``,
-  ``curves.png``.
+  ``epoch_NNN.ckpt`` with ``keep_epoch_checkpoints`` (the newest ``keep_checkpoint_max`` when set);
+  ``config.yaml``, ``train.log``, ``metrics.jsonl``, ``curves.png``.
+
+Run folders are protected: a new run refuses an ``output_dir`` that holds an earlier run's checkpoints or
+metrics unless it resumes that run (``--resume auto``) or ``--overwrite`` deletes them first. A state holding
+NaN or inf (weights, BatchNorm statistics, EMA, optimizer moments) is never written: training stops with
+``TrainingDiverged`` naming the last checkpoint that was written, which is therefore good.
 """
+import glob
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -20,16 +27,36 @@ from .data import DataError, check_same_classes, eval_dataset, scan_split, steps
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
 from .metrics import evaluate
-from .runtime import build_model, init_distributed, setup_context
+from .runtime import (build_model, check_input_size, check_writable_folder, init_distributed, model_kwargs,
+                      setup_context)
 
 LAST, BEST = "last.ckpt", "best.ckpt"
+EPOCH_PATTERN = "epoch_[0-9][0-9][0-9]*.ckpt"
+# what a run writes into its folder (rank_<r>/ holds the same for the other ranks)
+RUN_FILES = (LAST, BEST, EPOCH_PATTERN, METRICS_FILE, PLOT_FILE, "train.log", "config.yaml")
+
+
+def earlier_run_files(folder):
+    """Files of an earlier run in ``folder`` (checkpoints, metrics, logs, rank_<r>/ folders), sorted."""
+    found = []
+    for pattern in RUN_FILES:
+        found += glob.glob(os.path.join(glob.escape(folder), pattern))
+    found += [path for path in glob.glob(os.path.join(glob.escape(folder), "rank_*")) if os.path.isdir(path)
+              and any(name.endswith(".ckpt") for name in os.listdir(path))]
+    return sorted(set(found))
+
+
+def holds_run(folder):
+    """True when ``folder`` holds an earlier run's checkpoints or metrics (a log alone is an aborted start)."""
+    names = [os.path.basename(path) for path in earlier_run_files(folder)]
+    return any(name.endswith(".ckpt") or name == METRICS_FILE or name.startswith("rank_") for name in names)
 
 
 MAX_CONSECUTIVE_OVERFLOWS = 100
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss or the gradients became NaN or infinite."""
+    """The training loss, the gradients or the training state became NaN or infinite."""
 
     def __init__(self, what, global_step, epoch, step_in_epoch, last_checkpoint):
         self.global_step = global_step
@@ -51,8 +78,15 @@ class Trainer:
         self.output_dir = cfg.output_dir or os.path.join("runs", cfg.model)
         self.save_dir = self.output_dir if self.writer else (
             os.path.join(self.output_dir, f"rank_{self.rank}") if cfg.save_on_all_ranks else None)
+        removed, debris = self._prepare_output_dir()
         self.log = setup_logging(self.output_dir, self.writer)
         self.metrics = MetricsWriter(self.output_dir, self.writer)
+        if removed:
+            self.log.info(f"--overwrite: deleted the earlier run in {self.output_dir}: "
+                          + ", ".join(os.path.basename(path) for path in removed))
+        if debris:
+            self.log.info(f"removed {len(debris)} partial checkpoint file(s) of an interrupted save: "
+                          + ", ".join(os.path.basename(path) for path in debris))
 
         # data first: a bad dataset fails before any compilation
         self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
@@ -72,7 +106,7 @@ class Trainer:
         self._build_model()
         self._build_step()
         self.epochs_done, self.step_in_epoch, self.best_top1, self.best_epoch = 0, 0, None, None
-        self.last_checkpoint = None
+        self.last_checkpoint, self.last_checkpoint_step = None, None
         resume_path = self._resume_path()
         if resume_path:
             self._restore(resume_path)
@@ -84,12 +118,47 @@ class Trainer:
         self.consecutive_overflows = 0
 
     # ---- construction -------------------------------------------------------------------------------
+    def _prepare_output_dir(self):
+        """Check the run folder before anything is written or compiled.
+
+        Refuses an unwritable folder, and one holding an earlier run unless this run resumes it or
+        ``overwrite`` is set (then deletes that run's files on the writer rank). Removes the temporary files
+        of an interrupted checkpoint save. Returns (deleted run files, deleted temporary files).
+        """
+        cfg, folder = self.cfg, self.output_dir
+        if cfg.overwrite and cfg.resume:
+            raise ConfigError("options 'overwrite' and 'resume' exclude each other: --overwrite deletes the run "
+                              "that --resume would continue")
+        resume_here = cfg.resume == "auto" and os.path.isfile(os.path.join(folder, LAST)) or bool(
+            cfg.resume and cfg.resume != "auto"
+            and os.path.dirname(os.path.abspath(cfg.resume)) == os.path.abspath(folder))
+        removed = []
+        if holds_run(folder) and not resume_here:
+            if not cfg.overwrite:
+                what = "no last.ckpt to resume from" if cfg.resume == "auto" else "its checkpoints and metrics"
+                raise ConfigError(f"output_dir {folder} holds an earlier run ({what}): continue it with --resume "
+                                  f"auto, delete it with --overwrite true, or choose another --output_dir")
+            if self.writer:
+                removed = earlier_run_files(folder)
+                for path in removed:
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+        debris = []
+        if self.save_dir is not None:  # the writer rank's save_dir is output_dir
+            check_writable_folder(self.save_dir, "option 'output_dir'")
+            debris = ckpt.remove_temp_files(self.save_dir)
+        return removed, debris
+
     def _build_model(self):
         import mindspore as ms
         from mindspore import amp
         cfg = self.cfg
-        self.model = build_model(cfg.model, self.num_classes, cfg.model_overrides, cfg.drop_path_rate,
-                                 cfg.in_chans)
+        self.model, self.model_kwargs = build_model(
+            cfg.model, self.num_classes, model_kwargs(cfg.model_overrides, cfg.drop_path_rate, cfg.in_chans),
+            cfg.image_size)
+        check_input_size(self.model, cfg.model, cfg.image_size)
         if cfg.init_checkpoint:
             ckpt.load_checkpoint_into(self.model, cfg.init_checkpoint, strict=True)
         # structural names, taken before mixed precision wraps the network
@@ -134,25 +203,62 @@ class Trainer:
                 "epochs_done": self.epochs_done, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step(), "steps_per_epoch": self.steps_per_epoch,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "config": self.cfg.to_yaml(),
-                "has_ema": self.ema is not None}
+                "has_ema": self.ema is not None, "model_kwargs": self.model_kwargs}
 
     def global_step(self):
         return int(self.optimizer.global_step.asnumpy().reshape(-1)[0])
 
     def _save(self, name):
+        """Write the training state to ``name``; a state with NaN/inf is refused (TrainingDiverged)."""
         if self.save_dir is None:
             return None
         path = os.path.join(self.save_dir, name)
-        ckpt.save_checkpoint(path, self._state_params(), self._meta())
+        try:
+            ckpt.save_checkpoint(path, self._state_params(), self._meta(), require_finite=True)
+        except ckpt.NonFiniteStateError as err:
+            self._diverged(f"the training state holds NaN or inf in {len(err.names)} tensor(s) "
+                           f"({', '.join(err.names[:5])}{', ...' if len(err.names) > 5 else ''}); not saved")
         return path
+
+    def _diverged(self, what):
+        epoch, in_epoch = self.epochs_done, self.step_in_epoch
+        if in_epoch == 0 and epoch > 0:  # at an epoch end: the last step of the finished epoch
+            epoch, in_epoch = epoch - 1, self.steps_per_epoch
+        raise TrainingDiverged(what, self.global_step(), epoch, in_epoch, self._last_good_description())
+
+    def _last_good_description(self):
+        if not self.last_checkpoint:
+            return None
+        return f"{self.last_checkpoint} (step {self.last_checkpoint_step})"
 
     def _save_last(self, reason):
         path = self._save(LAST)
         if path:
-            self.last_checkpoint = path
+            self.last_checkpoint, self.last_checkpoint_step = path, self.global_step()
             self.log.info(f"saved {path} ({reason}, step {self.global_step()})")
         if self.cfg.keep_epoch_checkpoints and self.step_in_epoch == 0 and self.epochs_done > 0:
-            self._save(f"epoch_{self.epochs_done:03d}.ckpt")
+            if self._save(f"epoch_{self.epochs_done:03d}.ckpt"):
+                self._prune_epoch_checkpoints()
+
+    def _prune_epoch_checkpoints(self):
+        """Keep the newest ``keep_checkpoint_max`` epoch_NNN.ckpt files (all when 0)."""
+        keep = self.cfg.keep_checkpoint_max
+        if not keep:
+            return
+        found = glob.glob(os.path.join(glob.escape(self.save_dir), EPOCH_PATTERN))
+        numbered = sorted((int(os.path.basename(path)[6:-5]), path) for path in found
+                          if os.path.basename(path)[6:-5].isdigit())
+        for _, path in numbered[:-keep]:
+            os.remove(path)
+            self.log.info(f"removed {path} (keep_checkpoint_max {keep})")
+
+    def _check_state_finite(self):
+        """Stop when the weights or BatchNorm statistics (or EMA) hold NaN/inf, before they are validated."""
+        state = list(self.named_params) + ([(f"ema.{n}", p) for n, p in self.ema.named()] if self.ema else [])
+        broken = ckpt.non_finite_names({name: param.asnumpy() for name, param in state})
+        if broken:
+            self._diverged(f"weights or statistics hold NaN or inf after epoch {self.epochs_done} in "
+                           f"{len(broken)} tensor(s) ({', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''})")
 
     def _resume_path(self):
         resume = self.cfg.resume
@@ -181,13 +287,17 @@ class Trainer:
         state = self._state_params()
         missing, unexpected, mismatched = ckpt.match_state(state, tensors)
         if missing or mismatched:
-            raise ckpt.CheckpointError(f"--resume: {path} does not match this run's training state:\n"
+            raise ckpt.CheckpointError(f"--resume: {path} does not match this run's training state: "
                                        + ckpt.key_report(missing, unexpected, mismatched))
+        broken = ckpt.non_finite_names({name: tensors[name] for name, _ in state})
+        if broken:
+            raise ckpt.CheckpointError(f"--resume: {path} holds NaN or inf in {len(broken)} tensor(s) "
+                                       f"({', '.join(broken[:5])}): resume from an earlier checkpoint")
         ckpt.assign_tensors(state, tensors)
         self.epochs_done = int(meta["epochs_done"])
         self.step_in_epoch = int(meta["step_in_epoch"])
         self.best_top1, self.best_epoch = meta.get("best_top1"), meta.get("best_epoch")
-        self.last_checkpoint = path
+        self.last_checkpoint, self.last_checkpoint_step = path, int(meta["global_step"])
         self.log.info(f"resumed from {path}: epoch {self.epochs_done + 1}, step {self.step_in_epoch} of the "
                       f"epoch, global step {self.global_step()}")
 
@@ -238,7 +348,7 @@ class Trainer:
     def _check_finite(self, loss, grads_finite, step, epoch):
         """Stop on a NaN/inf loss, on non-finite gradients without dynamic loss scaling, or on too many
         consecutive overflows with it (the scale cannot recover)."""
-        where = (step, epoch, self.step_in_epoch, self.last_checkpoint)
+        where = (step, epoch, self.step_in_epoch, self._last_good_description())
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss is {loss}", *where)
         if grads_finite:
@@ -311,6 +421,7 @@ class Trainer:
                       "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None, "lr": lr,
                       "epoch_time_s": time.time() - epoch_start}
             last_epoch = self.epochs_done == cfg.epochs
+            self._check_state_finite()
             if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
                 last_val = self.validate()
                 record.update(val_top1=last_val["top1"], val_top5=last_val["top5"], val_loss=last_val["loss"])

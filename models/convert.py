@@ -8,9 +8,13 @@ The rules (docs/converting_official_weights.md):
 - ResNet-ACmix's three q/k/v convs ``conv2.conv{1,2,3}`` are concatenated into our fused ``conv2.qkv``
   (output channels q | k | v, the layout ACmixLocal expects); SAN's ``sam.conv{1,2,3}`` likewise.
 - Everything else keeps its name and shape. Strict: any official key left unmapped, any model
-  parameter left unfilled, any shape mismatch is an error that lists them all.
+  parameter left unfilled, any shape mismatch is an error that counts them and names the first few.
+
+``.pth`` files are read by ``models.pth_reader`` (NumPy only, no PyTorch, nothing from the file executed).
 """
 import numpy as np
+
+from .pth_reader import PthError, read_pth
 
 DROPPED_SUFFIXES = ("num_batches_tracked", "relative_position_index", "attn_mask")
 NORM_RENAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -72,35 +76,42 @@ def convert_state_dict(source, target_shapes, drop_prefixes=()):
     left_out = tuple(drop_prefixes)
     missing = [n for n in target_shapes if n not in converted and not (left_out and n.startswith(left_out))]
     if unmapped or missing or mismatched:
-        lines = []
-        for title, items in (("official keys with no place in the model", unmapped),
-                             ("model parameters not in the checkpoint", missing),
-                             ("shape mismatches", mismatched)):
-            if items:
-                lines.append(f"{title} ({len(items)}): " + ", ".join(sorted(items)))
-        raise ConversionError("the checkpoint does not match the model:\n  " + "\n  ".join(lines))
+        parts = [f"{len(items)} {title} ({_first(sorted(items))})"
+                 for title, items in (("official keys with no place in the model", unmapped),
+                                      ("model parameters not in the checkpoint", missing),
+                                      ("shape mismatches", mismatched)) if items]
+        raise ConversionError("the checkpoint does not match the model: " + "; ".join(parts))
     return converted
 
 
 def load_torch_state_dict(path):
-    """Read an official ``.pth``: a training checkpoint with a ``model`` entry, or a bare state_dict."""
+    """Read an official ``.pth`` (no PyTorch needed, no code from the file run: ``models.pth_reader``).
+
+    Accepts a training checkpoint with a ``model`` (or ``state_dict``) entry, or a bare state_dict; a
+    ``module.`` prefix (DataParallel) is removed. Returns {key: numpy array}.
+    Raises:
+        ConversionError: unreadable file, no state_dict in it, or entries that are not tensors.
+    """
     try:
-        import torch
-    except ImportError as err:
-        raise ImportError("reading .pth files needs PyTorch: pip install -e .[convert] "
-                          "(installs the CPU build torch==2.13.0)") from err
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official training checkpoints pickle a yacs config: needs the full unpickler
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(blob, dict) and "model" in blob and isinstance(blob["model"], dict):
-        blob = blob["model"]
-    elif isinstance(blob, dict) and "state_dict" in blob and isinstance(blob["state_dict"], dict):
-        blob = blob["state_dict"]
+        blob = read_pth(path)
+    except PthError as err:
+        raise ConversionError(f"cannot read {path}: {err}") from None
+    for entry in ("model", "state_dict"):
+        if isinstance(blob, dict) and isinstance(blob.get(entry), dict):
+            blob = blob[entry]
+            break
     if not isinstance(blob, dict) or not blob:
-        raise ConversionError(f"{path} holds no state_dict (expected a dict of tensors or a dict with 'model')")
-    state = {}
-    for key, value in blob.items():
-        key = key[len("module."):] if key.startswith("module.") else key  # DataParallel prefix
-        state[key] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    return state
+        kind = getattr(blob, "pickled_name", type(blob).__name__)
+        raise ConversionError(f"{path} holds no state_dict (found {kind}; expected a dict of tensors or a "
+                              f"training checkpoint with a 'model' entry)")
+    not_tensors = sorted(str(key) for key, value in blob.items() if not isinstance(value, np.ndarray))
+    if not_tensors:
+        raise ConversionError(f"{path}: {len(not_tensors)} state_dict entries are not tensors: "
+                              f"{_first(not_tensors)}")
+    return {key[len("module."):] if key.startswith("module.") else key: value for key, value in blob.items()}
+
+
+def _first(names, limit=5):
+    """'a, b, c, ... (N more)': a short listing for one-line messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

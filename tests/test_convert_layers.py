@@ -3,7 +3,7 @@ models.convert give the same outputs in our acmix_ms Cells (issue 5, "one ACmix 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the parity tests need the `convert` extra (torch)")
+torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
 
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402

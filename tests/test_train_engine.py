@@ -52,7 +52,8 @@ def eval_args(**values):
 
 
 def export_args(**values):
-    defaults = dict(checkpoint=None, model=None, num_classes=None, in_chans=None, batch_size=2, image_size=None,
+    defaults = dict(checkpoint=None, config=None, model=None, num_classes=None, in_chans=None, batch_size=2,
+                    image_size=None,
                     format="MINDIR", output=None, weights="auto", atol=1e-4, rtol=1e-4, device_target=None, seed=0,
                     attention_impl="unfold")
     defaults.update(values)
@@ -225,7 +226,8 @@ def test_o3_with_static_loss_scale_trains(image_folder, tmp_path):
 
 def test_nan_loss_stops_with_the_step_number(image_folder, tmp_path, capsys):
     model = TinyNet()
-    poisoned = [(name, np.full(p.shape, np.nan, np.float32) if name == "head.weight" else p.asnumpy())
+    # finite weights (a NaN checkpoint is refused at load) whose logits overflow to inf: the loss is NaN
+    poisoned = [(name, np.full(p.shape, 3e38, np.float32) if name == "head.weight" else p.asnumpy())
                 for name, p in model.parameters_and_names()]
     path = str(tmp_path / "nan.ckpt")
     ckpt.save_checkpoint(path, poisoned)

@@ -2,7 +2,7 @@
 
 Written for the tests from the documented behaviour (../shared/reference/official-acmix.md, §1-2), not
 copied from the official code. Module and parameter names follow the official state_dict keys, so
-``state_dict()`` of these modules is an official-layout checkpoint. Requires torch (the `convert` extra).
+``state_dict()`` of these modules is an official-layout checkpoint. Requires torch (the `torch-tests` extra).
 """
 import math
 

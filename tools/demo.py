@@ -63,7 +63,8 @@ def main(argv=None):
     rows = []
     for name in model_names:
         output_dir = os.path.join(args.out, name)
-        values = dict(base, model=name, data_dir=args.data, output_dir=output_dir, **extra)
+        # the demo's run folders are its own: a rerun replaces them
+        values = dict(base, model=name, data_dir=args.data, output_dir=output_dir, overwrite=True, **extra)
         if args.epochs:
             values["epochs"] = args.epochs
         if args.batch_size:
@@ -71,7 +72,7 @@ def main(argv=None):
         values["warmup_epochs"] = min(values.get("warmup_epochs", 0), values.get("epochs", 1))
         cfg = build_config(file_values=values, file_source=args.config)
         print(f"\n=== {name}: python train.py --config {os.path.relpath(args.config, ROOT)} --model {name} "
-              f"--data_dir {args.data} --output_dir {output_dir} --epochs {cfg.epochs} "
+              f"--data_dir {args.data} --output_dir {output_dir} --overwrite true --epochs {cfg.epochs} "
               f"--batch_size {cfg.batch_size}")
         trainer, summary = train(cfg)
         checkpoint = summary["best_checkpoint"] or summary["last_checkpoint"]

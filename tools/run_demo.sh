@@ -4,4 +4,4 @@
 # side-by-side table. Extra arguments go to tools/demo.py (python tools/demo.py --help).
 set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
-python tools/demo.py "$@"
+"$ACMIX_PYTHON" tools/demo.py "$@"
