@@ -1,0 +1,117 @@
+"""The fast paths of the transformer Cells (issue 13) against independent references.
+
+- The shifted-window token order (one gather = cyclic shift + window partition) and the shifted-map order
+  against an explicit NumPy roll / reshape / transpose, and the SW-MSA mask against Swin's slice-built mask.
+- ``TokenPermutation``: forward and its hand-written gradient against NumPy indexing.
+- A narrow Swin-ACmix (shifted and plain blocks) against the PyTorch re-implementation of the official
+  code with converted weights: the gradients of the input and of every parameter both frameworks name
+  alike (the backward pass of the whole fast path; the forward is tests/test_convert_models.py).
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from acmix_ms.window import (MASK_VALUE, TokenPermutation, inverse_order, shift_token_order,
+                             shifted_window_mask, window_token_order)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def _roll_and_partition(grid, window, shift):
+    """Explicit reference: np.roll by -shift, then (H/w, w, W/w, w) -> windows row-major."""
+    height, width = grid.shape
+    rolled = np.roll(grid, (-shift, -shift), (0, 1))
+    blocks = rolled.reshape(height // window, window, width // window, window).transpose(0, 2, 1, 3)
+    return blocks.reshape(-1)
+
+
+@pytest.mark.parametrize("height,width,window,shift", [(8, 8, 4, 2), (6, 9, 3, 1), (7, 7, 7, 0), (8, 4, 4, 0)])
+def test_window_token_order_is_roll_then_partition(height, width, window, shift):
+    grid = np.arange(height * width).reshape(height, width)
+    order = window_token_order(height, width, window, shift)
+    np.testing.assert_array_equal(order, _roll_and_partition(grid, window, shift))
+    np.testing.assert_array_equal(shift_token_order(height, width, shift),
+                                  np.roll(grid, (-shift, -shift), (0, 1)).reshape(-1))
+    np.testing.assert_array_equal(order[inverse_order(order)], np.arange(height * width))
+
+
+def test_shifted_window_mask_matches_swin_slices():
+    height, width, window, shift = 8, 12, 4, 2
+    region = np.zeros((height, width))
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    count = 0
+    for rows in cuts:
+        for cols in cuts:
+            region[rows, cols] = count
+            count += 1
+    ids = region.reshape(height // window, window, width // window, window).transpose(0, 2, 1, 3)
+    ids = ids.reshape(-1, window * window)
+    expected = np.where(ids[:, :, None] != ids[:, None, :], MASK_VALUE, 0.0)
+    np.testing.assert_array_equal(shifted_window_mask(height, width, window, shift), expected)
+
+
+def test_token_permutation_forward_and_gradient():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 12, 5)).astype(np.float32)
+    order = rng.permutation(12).astype(np.int32)
+    probe = rng.standard_normal((2, 12, 5)).astype(np.float32)
+    cell = TokenPermutation()
+    order_t, inverse_t = ms.Tensor(order), ms.Tensor(inverse_order(order))
+    np.testing.assert_array_equal(cell(ms.Tensor(x), order_t, inverse_t).asnumpy(), x[:, order])
+
+    def loss(inputs):
+        return (cell(inputs, order_t, inverse_t) * ms.Tensor(probe)).sum()
+
+    grad = ms.grad(loss)(ms.Tensor(x)).asnumpy()
+    expected = np.zeros_like(x)
+    expected[:, order] = probe  # d/dx[:, order[p]] of sum(x[:, order[p]] * probe[:, p])
+    np.testing.assert_array_equal(grad, expected)
+
+
+torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
+
+
+def test_swin_acmix_gradients_match_official(tmp_path):
+    import models
+    from tests.torch_official import OfficialSwinACmix, randomize_
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import convert_official
+
+    arch = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    official = randomize_(OfficialSwinACmix(num_classes=5, **arch), seed=11).train()
+    src, dst = str(tmp_path / "official.pth"), str(tmp_path / "converted.ckpt")
+    torch.save({"model": official.state_dict()}, src)
+    ours = dict(arch, drop_path_rate=0.0)
+    convert_official.convert("swin_tiny_acmix", src, dst, model_kwargs=ours)
+    net = models.create_model("swin_tiny_acmix", num_classes=5, checkpoint=dst, **ours)
+    net.set_train(True)
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    probe = rng.standard_normal((2, 5)).astype(np.float32)
+
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    loss_t = (official(x_t) * torch.from_numpy(probe)).sum()
+    loss_t.backward()
+    official_grads = {name: p.grad.numpy() for name, p in official.named_parameters()}
+
+    params = [p for p in net.trainable_params() if p.name in official_grads]
+    assert len(params) >= 20
+
+    def loss(inputs):
+        return (net(inputs) * ms.Tensor(probe)).sum()
+
+    grad_x, grads = ms.value_and_grad(loss, grad_position=0, weights=params)(ms.Tensor(x))[1]
+    scale = np.abs(x_t.grad.numpy()).max()
+    assert np.abs(grad_x.asnumpy() - x_t.grad.numpy()).max() / scale < 1e-4
+    for param, grad in zip(params, grads):
+        expected = official_grads[param.name]
+        tol = 1e-4 * max(np.abs(expected).max(), 1e-3)
+        assert np.abs(grad.asnumpy() - expected).max() < tol, param.name
