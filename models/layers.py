@@ -2,6 +2,8 @@
 
 - ``DropPath``: stochastic depth (drops whole residual branches per sample while training).
 - ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
+- ``GELU``: the exact GELU, a fused C++ kernel on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
+  ops elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
 - ``build_model``: calls a model class with its registered defaults plus user overrides, rejecting
@@ -9,6 +11,7 @@
 - ``to_2tuple``, ``check_stage_lists``, ``check_out_indices``: argument normalisation and checks.
 """
 import inspect
+import warnings
 
 import numpy as np
 import mindspore as ms
@@ -92,6 +95,50 @@ class DropPath(nn.Cell):
         return f"drop_prob={self.drop_prob}"
 
 
+class GELU(nn.Cell):
+    """Exact GELU x * Phi(x) (torch's default). Inputs/outputs: any shape.
+
+    On the CPU backend with float32 inputs it runs the fused kernel ``CpuGelu`` (one pass forward and
+    backward; MindSpore's own exact GELU is five kernels and keeps several full-size temporaries alive);
+    elsewhere, for other dtypes, when the kernel cannot be built (warning), or after
+    ``set_fused_kernels(net, False)``, it runs ``nn.GELU(approximate=False)``. Both give the same values
+    (tests/test_transformer_fast.py).
+
+    Args:
+        device_target: the device whose kernel to use; None: the context's ``device_target``.
+    """
+
+    def __init__(self, device_target=None):
+        super().__init__()
+        self.reference = nn.GELU(approximate=False)
+        self.kernel = None
+        if (device_target or ms.get_context("device_target")) == "CPU":
+            try:
+                from acmix_ms.kernels.transformer_cpu import CpuGelu  # compiles the C++ at first use
+                self.kernel = CpuGelu()
+            except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+                warnings.warn(f"GELU: no CPU kernel ({error}); using MindSpore's GELU")
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x)
+        return self.reference(x)
+
+
+def set_fused_kernels(network, enabled):
+    """Switch the fused CPU kernels of the transformer layers (``GELU``) of ``network`` on or off (off:
+    standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
+    afterwards (on) or were switched off (off)."""
+    count = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, GELU) and cell.kernel is not None:
+            if cell.use_kernel != enabled or enabled:
+                count += 1
+            cell.use_kernel = bool(enabled)
+    return count
+
+
 class Mlp(nn.Cell):
     """Transformer feed-forward block: Dense(C -> hidden) -> GELU (exact, as torch) -> Dropout ->
     Dense(hidden -> C_out) -> Dropout. Attribute names ``fc1``/``fc2`` follow the official checkpoints.
@@ -104,7 +151,7 @@ class Mlp(nn.Cell):
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Dense(in_features, hidden_features)
-        self.act = nn.GELU(approximate=False)
+        self.act = GELU()
         self.fc2 = nn.Dense(hidden_features, out_features)
         self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
 
