@@ -75,6 +75,45 @@ def test_token_permutation_forward_and_gradient():
     np.testing.assert_array_equal(grad, expected)
 
 
+def _probe_loss(layer, probe):
+    probe = ms.Tensor(probe)
+
+    def loss(inputs):
+        return (layer(inputs) * probe).sum()
+    return loss
+
+
+def test_gelu_kernel_matches_numpy_and_mindspore_gelu():
+    """Fused CPU GELU: forward and gradient against float64 NumPy (math.erf) and MindSpore's exact GELU."""
+    import math
+    from mindspore import nn
+    from models.layers import GELU
+    cell = GELU()
+    if ms.get_context("device_target") == "CPU":
+        assert cell.use_kernel, "the CPU kernel should be selected on CPU"
+    rng = np.random.default_rng(2)
+    x = np.concatenate([np.linspace(-12, 12, 2401), rng.standard_normal(2999) * 3]).astype(np.float32)
+    x = x.reshape(4, 1350)
+    probe = rng.standard_normal(x.shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
+    expected = x64 * cdf
+    expected_grad = probe * (cdf + x64 * np.exp(-0.5 * x64 ** 2) / math.sqrt(2.0 * math.pi))
+
+    reference = nn.GELU(approximate=False)
+    for layer in (cell, reference):
+        out = layer(ms.Tensor(x)).asnumpy()
+        np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * np.maximum(1.0, np.abs(x64)).max())
+        grad = ms.grad(_probe_loss(layer, probe))(ms.Tensor(x)).asnumpy()
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # switched off (e.g. for a portable MINDIR) it runs MindSpore's GELU
+    from models.layers import set_fused_kernels
+    net = nn.SequentialCell([GELU()])
+    assert set_fused_kernels(net, False) == (1 if cell.kernel is not None else 0)
+    assert not net[0].use_kernel
+    np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), reference(ms.Tensor(x)).asnumpy())
+
+
 torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
 
 
