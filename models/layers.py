@@ -2,7 +2,7 @@
 
 - ``DropPath``: stochastic depth (drops whole residual branches per sample while training).
 - ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
-- ``GELU``: the exact GELU, a fused C++ kernel on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
+- ``GELU``, ``LayerNorm``: fused C++ kernels on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
   ops elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
@@ -95,6 +95,19 @@ class DropPath(nn.Cell):
         return f"drop_prob={self.drop_prob}"
 
 
+def _cpu_kernel(name, device_target, *args):
+    """``acmix_ms.kernels.transformer_cpu.<name>(*args)`` on the CPU backend, None elsewhere or when the C++
+    cannot be built (with a warning)."""
+    if (device_target or ms.get_context("device_target")) != "CPU":
+        return None
+    try:
+        from acmix_ms.kernels import transformer_cpu  # compiles the C++ at first use
+        return getattr(transformer_cpu, name)(*args)
+    except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+        warnings.warn(f"{name}: the CPU kernel is not available ({error}); using MindSpore's ops")
+        return None
+
+
 class GELU(nn.Cell):
     """Exact GELU x * Phi(x) (torch's default). Inputs/outputs: any shape.
 
@@ -111,13 +124,7 @@ class GELU(nn.Cell):
     def __init__(self, device_target=None):
         super().__init__()
         self.reference = nn.GELU(approximate=False)
-        self.kernel = None
-        if (device_target or ms.get_context("device_target")) == "CPU":
-            try:
-                from acmix_ms.kernels.transformer_cpu import CpuGelu  # compiles the C++ at first use
-                self.kernel = CpuGelu()
-            except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
-                warnings.warn(f"GELU: no CPU kernel ({error}); using MindSpore's GELU")
+        self.kernel = _cpu_kernel("CpuGelu", device_target)
         self.use_kernel = self.kernel is not None
 
     def construct(self, x):
@@ -127,12 +134,12 @@ class GELU(nn.Cell):
 
 
 def set_fused_kernels(network, enabled):
-    """Switch the fused CPU kernels of the transformer layers (``GELU``) of ``network`` on or off (off:
+    """Switch the fused CPU kernels of the transformer layers (``GELU``, ``LayerNorm``) of ``network`` on or off (off:
     standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
     afterwards (on) or were switched off (off)."""
     count = 0
     for _, cell in network.cells_and_names():
-        if isinstance(cell, GELU) and cell.kernel is not None:
+        if isinstance(cell, (GELU, LayerNorm)) and cell.kernel is not None:
             if cell.use_kernel != enabled or enabled:
                 count += 1
             cell.use_kernel = bool(enabled)
@@ -215,6 +222,26 @@ def build_model(model_class, defaults, overrides):
     return model_class(**{**defaults, **overrides})
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis (same parameters ``gamma``/``beta``, same results) that runs the fused
+    kernel ``CpuLayerNorm`` on the CPU backend for float32 inputs (one pass per row forward and backward;
+    MindSpore's LayerNormGrad is the slowest op of a Swin training step on CPU). Elsewhere, for other dtypes,
+    when the kernel cannot be built (warning), or after ``set_fused_kernels(net, False)``: ``nn.LayerNorm``.
+
+    Inputs: (..., C). Outputs: same shape.
+    """
+
+    def __init__(self, dim, eps, device_target=None):
+        super().__init__((dim,), epsilon=eps, dtype=ms.float32)
+        self.kernel = _cpu_kernel("CpuLayerNorm", device_target, eps)
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x, self.gamma, self.beta)[0]
+        return super().construct(x)
+
+
 def layer_norm(dim, eps):
     """LayerNorm over the last axis with torch's eps (MindSpore's default eps is 1e-7)."""
-    return nn.LayerNorm((dim,), epsilon=eps, dtype=ms.float32)
+    return LayerNorm(dim, eps)

@@ -114,6 +114,46 @@ def test_gelu_kernel_matches_numpy_and_mindspore_gelu():
     np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), reference(ms.Tensor(x)).asnumpy())
 
 
+def _layer_norm_numpy(x, gamma, beta, eps, dy):
+    """float64 LayerNorm over the last axis and its gradients (explicit formulas)."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    g = dy * gamma
+    dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) / np.sqrt(var + eps)
+    rows = tuple(range(x.ndim - 1))
+    return xhat * gamma + beta, dx, (dy * xhat).sum(rows), dy.sum(rows)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 24), (37, 96)])
+def test_layer_norm_kernel_matches_numpy_and_mindspore(shape):
+    """Fused CPU LayerNorm: output and the gradients of input, gamma and beta against float64 NumPy and
+    nn.LayerNorm (which must pass the same checks)."""
+    from mindspore import nn
+    from models.layers import LayerNorm
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    beta = (0.2 * rng.standard_normal(shape[-1])).astype(np.float32)
+    eps = 1e-5
+    expected = _layer_norm_numpy(*(a.astype(np.float64) for a in (x, gamma, beta)), eps, dy.astype(np.float64))
+    fast = LayerNorm(shape[-1], eps)
+    if ms.get_context("device_target") == "CPU":
+        assert fast.use_kernel
+    reference = nn.LayerNorm((shape[-1],), epsilon=eps)
+    for layer in (fast, reference):
+        layer.gamma.set_data(ms.Tensor(gamma))
+        layer.beta.set_data(ms.Tensor(beta))
+        out = layer(ms.Tensor(x)).asnumpy()
+        np.testing.assert_allclose(out, expected[0], rtol=1e-5, atol=1e-5)
+        grad_x, (grad_gamma, grad_beta) = ms.grad(_probe_loss(layer, dy), grad_position=0,
+                                                  weights=[layer.gamma, layer.beta])(ms.Tensor(x))
+        np.testing.assert_allclose(grad_x.asnumpy(), expected[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grad_gamma.asnumpy(), expected[2], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(grad_beta.asnumpy(), expected[3], rtol=1e-4, atol=1e-4)
+
+
 torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
 
 

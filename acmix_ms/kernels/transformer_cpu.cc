@@ -8,12 +8,25 @@
 // GeluBackward  inputs dy, x                              output dx = dy * (Phi(x) + x * phi(x))
 //   Phi: standard normal CDF = (1 + erf(x/sqrt(2)))/2, phi: its density exp(-x^2/2)/sqrt(2 pi).
 //
+// LayerNorm over the last axis (rows of length C), as nn.LayerNorm((C,)), float32:
+// LayerNormForward   inputs x (R.., C), gamma (C), beta (C), config (1,) float32 = eps
+//                    outputs y (like x), mean (R), rstd (R)     [rstd = 1/sqrt(var + eps), biased var]
+// LayerNormBackward  inputs dy, x, gamma, mean, rstd
+//                    outputs dx (like x), dgamma (C), dbeta (C)
+//   xhat = (x - mean) * rstd, g = dy * gamma:
+//   dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat)), dgamma = sum_R dy * xhat, dbeta = sum_R dy.
+//
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
 // params = inputs then outputs. Return 0 on success; anything else makes MindSpore raise.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -108,6 +121,116 @@ int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
     const float cdf = 0.5f * (1.0f + erf_approx(v * kInvSqrt2));
     const float pdf = kInvSqrt2Pi * exp_nonpositive(-0.5f * v * v);
     dx[i] = dy[i] * (cdf + v * pdf);
+  }
+  return 0;
+}
+
+int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                     void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 7) return 1;
+  for (int t = 0; t < 7; ++t) {
+    if (!is_float32(dtypes[t])) return 1;
+  }
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t rows = element_count(ndims[0], shapes[0]) / cols;
+  if (element_count(ndims[1], shapes[1]) != cols || element_count(ndims[2], shapes[2]) != cols) return 2;
+  if (element_count(ndims[5], shapes[5]) != rows || element_count(ndims[6], shapes[6]) != rows) return 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float eps = static_cast<const float *>(params[3])[0];
+  float *y = static_cast<float *>(params[4]);
+  float *mean_out = static_cast<float *>(params[5]);
+  float *rstd_out = static_cast<float *>(params[6]);
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * cols;
+    float *yr = y + r * cols;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) sum += xr[c];
+    const float mean = sum * inv_cols;
+    float sq = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float d = xr[c] - mean;
+      sq += d * d;
+    }
+    const float rstd = 1.0f / std::sqrt(sq * inv_cols + eps);
+    for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - mean) * rstd * gamma[c] + beta[c];
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
+  }
+  return 0;
+}
+
+int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 8) return 1;
+  for (int t = 0; t < 8; ++t) {
+    if (!is_float32(dtypes[t])) return 1;
+  }
+  const int64_t cols = shapes[1][ndims[1] - 1];
+  const int64_t rows = element_count(ndims[1], shapes[1]) / cols;
+  if (element_count(ndims[0], shapes[0]) != rows * cols || element_count(ndims[2], shapes[2]) != cols) return 2;
+  if (element_count(ndims[3], shapes[3]) != rows || element_count(ndims[4], shapes[4]) != rows) return 2;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *gamma = static_cast<const float *>(params[2]);
+  const float *mean = static_cast<const float *>(params[3]);
+  const float *rstd = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dgamma = static_cast<float *>(params[6]);
+  float *dbeta = static_cast<float *>(params[7]);
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_get_max_threads();
+#endif
+  // per-thread partial sums of dgamma / dbeta, added in thread order (deterministic for a thread count)
+  std::vector<float> partial(static_cast<size_t>(threads) * 2 * cols, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    int worker = 0;
+#ifdef _OPENMP
+    worker = omp_get_thread_num();
+#endif
+    float *pg = partial.data() + static_cast<size_t>(worker) * 2 * cols;
+    float *pb = pg + cols;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float *xr = x + r * cols;
+      const float *dyr = dy + r * cols;
+      float *dxr = dx + r * cols;
+      const float m = mean[r];
+      const float s = rstd[r];
+      float sum_g = 0.0f, sum_gx = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xhat = (xr[c] - m) * s;
+        const float g = dyr[c] * gamma[c];
+        sum_g += g;
+        sum_gx += g * xhat;
+        pg[c] += dyr[c] * xhat;
+        pb[c] += dyr[c];
+      }
+      const float mean_g = sum_g * inv_cols, mean_gx = sum_gx * inv_cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float xhat = (xr[c] - m) * s;
+        dxr[c] = s * (dyr[c] * gamma[c] - mean_g - xhat * mean_gx);
+      }
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    float g = 0.0f, b = 0.0f;
+    for (int t = 0; t < threads; ++t) {
+      g += partial[static_cast<size_t>(t) * 2 * cols + c];
+      b += partial[static_cast<size_t>(t) * 2 * cols + cols + c];
+    }
+    dgamma[c] = g;
+    dbeta[c] = b;
   }
   return 0;
 }
