@@ -201,7 +201,7 @@ class ACmixWindow(ACmixBase):
 
     def _conv_map(self, tokens, batch, height, width):
         """(B, H*W, 3C) -> conv path -> (B, H*W, C)."""
-        groups = tokens.reshape(batch, height * width, 3 * self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+        groups = tokens.transpose(0, 2, 1).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
         return out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
 
