@@ -220,13 +220,14 @@ class ACmixWindow(ACmixBase):
         logits = self.matmul_qk(query, self._heads(key))
         bias = ops.gather(self.relative_position_bias_table, self.relative_position_index, 0)
         bias = ops.cast(bias.reshape(w2, w2, self.num_heads).transpose(2, 0, 1), logits.dtype)  # (N, w*w, w*w)
+        # explicit broadcasts: an implicitly broadcasting Add keeps ~4x its output alive on CPU (docs/benchmarks.md)
         if mask is not None:
             num_windows = mask.shape[0]
             bias = bias.expand_dims(0) + ops.cast(mask, logits.dtype).expand_dims(1)  # (nW, N, w*w, w*w)
-            logits = logits.reshape(-1, num_windows, self.num_heads, w2, w2) + bias
-            logits = logits.reshape(-1, self.num_heads, w2, w2)
+            logits = logits.reshape(-1, num_windows, self.num_heads, w2, w2)
+            logits = (logits + ops.broadcast_to(bias, logits.shape)).reshape(-1, self.num_heads, w2, w2)
         else:
-            logits = logits + bias
+            logits = logits + ops.broadcast_to(bias, logits.shape)
         weights = self.attn_drop(ops.softmax(logits, -1))
         out = ops.matmul(weights, self._heads(value)).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
         out = self.proj(out)

@@ -89,7 +89,8 @@ class DropPath(nn.Cell):
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         # floor(keep + U[0,1)) is 1 with probability keep, else 0: one Bernoulli draw per sample
         keep = ops.floor(self.keep_prob + ops.rand(mask_shape, dtype=x.dtype))
-        return x * keep / self.keep_prob
+        # explicit broadcast: an implicitly broadcasting Mul keeps ~4x its output alive on CPU
+        return x * ops.broadcast_to(keep / self.keep_prob, x.shape)
 
     def extend_repr(self):
         return f"drop_prob={self.drop_prob}"
