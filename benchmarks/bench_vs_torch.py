@@ -196,7 +196,7 @@ def report(args, results, env):
                 if rss is not None:
                     rss_ratios.append(rss)
                 error = "; ".join(r["error"] for r in (ours, theirs) if "error" in r)
-                lines.append(f"| {model} | {mode} | {index + 1} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio, '.2f', 'x')} "
+                lines.append(f"| {model} | {mode} | {index + 1} | {_fmt(a, '.2f')} | {_fmt(b, '.2f')} | {_fmt(ratio, '.2f', 'x')} "
                              f"| {_fmt(ours.get('peak_rss_mib'), '.0f')} | {_fmt(theirs.get('peak_rss_mib'), '.0f')} "
                              f"| {_fmt(rss, '.2f', 'x')} |" + (f" error: {error}" if error else ""))
             speed = statistics.median(ratios) if ratios else None
@@ -225,7 +225,7 @@ def main(argv=None):
                     start = time.perf_counter()
                     result = run_worker(Path(__file__).resolve(), task, args.timeout)
                     results[(model, mode, index, framework)] = result
-                    speed = _fmt(_ips(result, args.batch))
+                    speed = _fmt(_ips(result, args.batch), ".2f")
                     print(f"[{framework:5s}] {model} {mode} round {index + 1}: {speed} img/s, peak "
                           f"{_fmt(result.get('peak_rss_mib'), '.0f')} MiB ({time.perf_counter() - start:.0f} s)"
                           + (f" error: {result['error']}" if "error" in result else ""), flush=True)

@@ -154,6 +154,27 @@ def test_layer_norm_kernel_matches_numpy_and_mindspore(shape):
         np.testing.assert_allclose(grad_beta.asnumpy(), expected[3], rtol=1e-4, atol=1e-4)
 
 
+def test_bench_vs_torch_report_and_arguments():
+    """The comparison script's ratios (ours / PyTorch per round, median) from given timings, and its argument
+    checks (the measurements themselves are benchmarks, not tests)."""
+    from benchmarks import bench_vs_torch as bench
+    args = bench.parse_args(["--models", "swin_tiny", "--modes", "inference", "--rounds", "2", "--batch", "4"])
+    results = {("swin_tiny", "inference", 0, "ours"): {"stats": {"median": 1.0}, "peak_rss_mib": 1500.0},
+               ("swin_tiny", "inference", 0, "torch"): {"stats": {"median": 2.0}, "peak_rss_mib": 1000.0},
+               ("swin_tiny", "inference", 1, "ours"): {"stats": {"median": 1.0}, "peak_rss_mib": 1500.0},
+               ("swin_tiny", "inference", 1, "torch"): {"error": "timed out after 9 s"}}
+    env = {"date": "d", "cpu": "c", "machine": "m", "cores": 2, "ram_gib": 1.0, "load_average": (1.0, 1.0, 1.0),
+           "python": "p", "mindspore": "m", "numpy": "n", "device_target": "CPU", "command": "x"}
+    text = bench.report(args, results, env)
+    assert "| swin_tiny | inference | 1 | 4.00 | 2.00 | 2.00x | 1500 | 1000 | 1.50x |" in text
+    assert "error: timed out after 9 s" in text
+    assert "| swin_tiny | inference | 2.00x | 1.50x |" in text  # the failed round does not count
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "vit"])
+
+
 torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extra (its CPU build)")
 
 
