@@ -24,8 +24,40 @@
 #include <cstring>
 #include <vector>
 
+// Threads: the kernels' shared pool (parallel.h, idle workers sleep) where this package has it, else OpenMP
+// (when compiled with -fopenmp), else one thread. for_rows(n, fn) calls fn(begin, end, worker) on contiguous
+// chunks of [0, n); worker < workers() indexes per-worker scratch.
+#if __has_include("parallel.h")
+#include "parallel.h"
+namespace {
+inline int workers() { return acmix::num_workers(); }
+template <typename Fn>
+inline void for_rows(int64_t n, Fn fn) {
+  acmix::parallel_for(n, fn);
+}
+}  // namespace
+#else
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+namespace {
+inline int workers() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+template <typename Fn>
+inline void for_rows(int64_t n, Fn fn) {
+  const int count = workers();
+#pragma omp parallel for schedule(static) num_threads(count)
+  for (int t = 0; t < count; ++t) {
+    const int64_t begin = n * t / count, end = n * (t + 1) / count;
+    if (begin < end) fn(begin, end, t);
+  }
+}
+}  // namespace
 #endif
 
 namespace {
@@ -97,11 +129,12 @@ int GeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const c
   if (element_count(ndims[1], shapes[1]) != n) return 2;
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    y[i] = 0.5f * v * (1.0f + erf_approx(v * kInvSqrt2));
-  }
+  for_rows(n, [&](int64_t begin, int64_t end, int) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = x[i];
+      y[i] = 0.5f * v * (1.0f + erf_approx(v * kInvSqrt2));
+    }
+  });
   return 0;
 }
 
@@ -115,13 +148,14 @@ int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const 
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const float cdf = 0.5f * (1.0f + erf_approx(v * kInvSqrt2));
-    const float pdf = kInvSqrt2Pi * exp_nonpositive(-0.5f * v * v);
-    dx[i] = dy[i] * (cdf + v * pdf);
-  }
+  for_rows(n, [&](int64_t begin, int64_t end, int) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = x[i];
+      const float cdf = 0.5f * (1.0f + erf_approx(v * kInvSqrt2));
+      const float pdf = kInvSqrt2Pi * exp_nonpositive(-0.5f * v * v);
+      dx[i] = dy[i] * (cdf + v * pdf);
+    }
+  });
   return 0;
 }
 
@@ -145,8 +179,8 @@ int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, co
   float *mean_out = static_cast<float *>(params[5]);
   float *rstd_out = static_cast<float *>(params[6]);
   const float inv_cols = 1.0f / static_cast<float>(cols);
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](int64_t begin, int64_t end, int) {
+  for (int64_t r = begin; r < end; ++r) {
     const float *xr = x + r * cols;
     float *yr = y + r * cols;
     float sum = 0.0f;
@@ -162,6 +196,7 @@ int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, co
     mean_out[r] = mean;
     rstd_out[r] = rstd;
   }
+  });
   return 0;
 }
 
@@ -186,22 +221,13 @@ int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
   float *dgamma = static_cast<float *>(params[6]);
   float *dbeta = static_cast<float *>(params[7]);
   const float inv_cols = 1.0f / static_cast<float>(cols);
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_get_max_threads();
-#endif
-  // per-thread partial sums of dgamma / dbeta, added in thread order (deterministic for a thread count)
+  const int threads = workers();
+  // per-worker partial sums of dgamma / dbeta, added in worker order (deterministic for a thread count)
   std::vector<float> partial(static_cast<size_t>(threads) * 2 * cols, 0.0f);
-#pragma omp parallel num_threads(threads)
-  {
-    int worker = 0;
-#ifdef _OPENMP
-    worker = omp_get_thread_num();
-#endif
+  for_rows(rows, [&](int64_t begin, int64_t end, int worker) {
     float *pg = partial.data() + static_cast<size_t>(worker) * 2 * cols;
     float *pb = pg + cols;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * cols;
       const float *dyr = dy + r * cols;
       float *dxr = dx + r * cols;
@@ -222,7 +248,7 @@ int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
         dxr[c] = s * (dyr[c] * gamma[c] - mean_g - xhat * mean_gx);
       }
     }
-  }
+  });
   for (int64_t c = 0; c < cols; ++c) {
     float g = 0.0f, b = 0.0f;
     for (int t = 0; t < threads; ++t) {
