@@ -208,12 +208,16 @@ TRAIN_OPTIONS = (
          {"optional": True}),
         ("val_every_epochs", "int", 1, "validate every N epochs (and after the last)"),
         ("log_interval", "int", 20, "steps between progress lines"),
+        ("data_sink", "bool", True, "Ascend/GPU: feed batches through a device queue and run sink_size steps per "
+                                    "call (ms.data_sink); CPU always runs a host loop"),
+        ("sink_size", "int", 20, "steps per sunk call (lowered to divide log_interval, the steps per epoch and "
+                                 "the checkpoint steps)"),
         ("plot", "bool", True, "write curves.png next to metrics.jsonl (needs matplotlib)"),
     )
 )
 
 _POSITIVE_INTS = ("batch_size", "epochs", "save_every_epochs", "val_every_epochs", "log_interval",
-                  "image_size", "num_workers", "loss_scale_window")
+                  "image_size", "num_workers", "loss_scale_window", "sink_size")
 
 
 class Config:

@@ -181,3 +181,67 @@ class RankSync:
         if params:
             for param, value in zip(params, self._mean(tuple(ms.Tensor(param.asnumpy()) for param in params))):
                 param.set_data(value)
+
+
+class MonitoredStep(nn.Cell):
+    """A ``TrainStep`` that keeps its running statistics on the device, so the host never waits per step.
+
+    Device-side state (read by ``read()`` at log intervals and before checkpoints, then reset):
+    ``loss_sum`` (float32 sum of the window's losses), ``steps`` (steps in the window), ``overflows``
+    (steps whose gradients were not finite: skipped updates), ``max_consecutive`` (longest run of such
+    steps, carried across windows through ``consecutive``), ``first_bad_loss`` / ``first_overflow``
+    (1-based index in the window of the first non-finite loss / gradients, 0: none), ``lr`` (of the last
+    step). ``construct(images, labels)`` returns the step's loss (a device tensor; reading it is optional).
+    """
+
+    def __init__(self, train_step):
+        super().__init__(auto_prefix=False)
+        self.train_step = train_step
+
+        def state(value, dtype, name):
+            return Parameter(ms.Tensor(value, dtype), name=f"monitor.{name}", requires_grad=False)
+        self.loss_sum = state(0.0, ms.float32, "loss_sum")
+        self.lr = state(0.0, ms.float32, "lr")
+        self.steps = state(0, ms.int32, "steps")
+        self.overflows = state(0, ms.int32, "overflows")
+        self.consecutive = state(0, ms.int32, "consecutive")
+        self.max_consecutive = state(0, ms.int32, "max_consecutive")
+        self.first_bad_loss = state(0, ms.int32, "first_bad_loss")
+        self.first_overflow = state(0, ms.int32, "first_overflow")
+        self._window = (self.loss_sum, self.steps, self.overflows, self.max_consecutive, self.first_bad_loss,
+                        self.first_overflow)
+
+    def construct(self, images, labels):
+        loss, lr, finite = self.train_step(images, labels)
+        loss = ops.reshape(ops.cast(loss, ms.float32), ())
+        index = self.steps + 1
+        overflow = ops.logical_not(ops.reshape(finite, ()))
+        overflow_int = ops.cast(overflow, ms.int32)
+        bad_loss = ops.logical_not(ops.isfinite(loss))
+        consecutive = (self.consecutive + 1) * overflow_int
+        ops.assign(self.first_bad_loss,
+                   ops.select(ops.logical_and(bad_loss, self.first_bad_loss == 0), index, self.first_bad_loss))
+        ops.assign(self.first_overflow,
+                   ops.select(ops.logical_and(overflow, self.first_overflow == 0), index, self.first_overflow))
+        ops.assign(self.consecutive, consecutive)
+        ops.assign(self.max_consecutive, ops.maximum(self.max_consecutive, consecutive))
+        ops.assign_add(self.overflows, overflow_int)
+        ops.assign_add(self.loss_sum, loss)
+        ops.assign(self.lr, ops.reshape(ops.cast(lr, ms.float32), ()))
+        ops.assign(self.steps, index)
+        return loss
+
+    def read(self):
+        """The window's statistics as Python numbers (one host synchronisation), then a fresh window.
+
+        Returns dict: steps, loss_sum, overflows, max_consecutive, first_bad_loss, first_overflow, lr.
+        """
+        values = {name: param.asnumpy().item() for name, param in (
+            ("loss_sum", self.loss_sum), ("steps", self.steps), ("overflows", self.overflows),
+            ("max_consecutive", self.max_consecutive), ("first_bad_loss", self.first_bad_loss),
+            ("first_overflow", self.first_overflow), ("lr", self.lr), ("consecutive", self.consecutive))}
+        for param in self._window:
+            param.set_data(ms.Tensor(0, param.dtype))
+        # a run of skipped steps continues into the next window
+        self.max_consecutive.set_data(ms.Tensor(values["consecutive"], ms.int32))
+        return values

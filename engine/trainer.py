@@ -113,9 +113,11 @@ class Trainer:
         if self.group_size > 1:
             # identical starting point on every rank (random init differs per process unless seeded alike)
             self.sync.broadcast([param for _, param in self._state_params()])
-        self.history = []  # (global_step, loss) of every step run by this process
+        # (global_step, loss) of every step run by this process (with data sinking: of each sunk call's last step)
+        self.history = []
         self.skipped_steps = 0  # updates skipped for non-finite gradients (dynamic loss scaling)
-        self.consecutive_overflows = 0
+        self.sinking = cfg.data_sink and self.ms.get_context("device_target") in ("Ascend", "GPU")
+        self._sink_note_logged = False
 
     # ---- construction -------------------------------------------------------------------------------
     def _prepare_output_dir(self):
@@ -171,7 +173,7 @@ class Trainer:
         from mindspore import nn
         from .losses import SmoothedCrossEntropy
         from .optim import create_optimizer, optimizer_state
-        from .step import EMA, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
+        from .step import EMA, MonitoredStep, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
         cfg = self.cfg
         self.optimizer, self.schedule, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
@@ -187,6 +189,7 @@ class Trainer:
         loss = SmoothedCrossEntropy(cfg.label_smoothing)
         self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
                                     cfg.clip_grad_norm, self.ema, reducer, self.group_size)
+        self.monitored = MonitoredStep(self.train_step)
 
     # ---- state and checkpoints ----------------------------------------------------------------------
     def _state_params(self):
@@ -231,7 +234,8 @@ class Trainer:
             return None
         return f"{self.last_checkpoint} (step {self.last_checkpoint_step})"
 
-    def _save_last(self, reason):
+    def _save_last(self, reason, progress=None):
+        self._read_window(progress)  # the steps since the last read must be finite before the state is saved
         path = self._save(LAST)
         if path:
             self.last_checkpoint, self.last_checkpoint_step = path, self.global_step()
@@ -345,24 +349,81 @@ class Trainer:
                       f"weight decay {cfg.weight_decay} on {info['decayed']} tensors "
                       f"({info['not_decayed']} without)")
 
-    def _check_finite(self, loss, grads_finite, step, epoch):
-        """Stop on a NaN/inf loss, on non-finite gradients without dynamic loss scaling, or on too many
-        consecutive overflows with it (the scale cannot recover)."""
-        where = (step, epoch, self.step_in_epoch, self._last_good_description())
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"training loss is {loss}", *where)
-        if grads_finite:
-            self.consecutive_overflows = 0
-            return
-        self.skipped_steps += 1
-        self.consecutive_overflows += 1
-        if self.cfg.loss_scale != "dynamic":
-            raise TrainingDiverged(f"gradients are not finite (loss {loss:.4g})", *where)
-        if self.consecutive_overflows > MAX_CONSECUTIVE_OVERFLOWS:
-            raise TrainingDiverged(f"gradients overflowed {self.consecutive_overflows} steps in a row", *where)
+    # the host waits for the device only here: log lines, checkpoints, epoch ends
+    def _read_window(self, progress=None):
+        """Wait for the device and take the statistics of the steps run since the last read: history,
+        loss sums, lr, skipped updates; stop (TrainingDiverged) on a non-finite loss, on non-finite gradients
+        without dynamic loss scaling, or on too many consecutive overflows with it (the scale cannot recover).
+        """
+        values = self.monitored.read()
+        start, count = self._window_start, values["steps"]
+        losses = [(step, float(loss.asnumpy())) for step, loss in self._pending]
+        self._pending = []
+        self.history.extend(losses)
+        self._window_start += count
+        self.skipped_steps += values["overflows"]
+        self._log_sum, self._log_steps = self._log_sum + values["loss_sum"], self._log_steps + count
+        self._epoch_sum, self._epoch_steps = self._epoch_sum + values["loss_sum"], self._epoch_steps + count
+        if count:
+            self._lr = values["lr"]
+        if progress is not None:
+            progress.synced(count)
+        by_step = dict(losses)
+        problems = []
+        if values["first_bad_loss"]:
+            step = start + values["first_bad_loss"]
+            loss = by_step.get(step)
+            problems.append((step, f"training loss is {loss if loss is not None else 'NaN or inf'}"))
+        if values["first_overflow"] and self.cfg.loss_scale != "dynamic":
+            step = start + values["first_overflow"]
+            loss = by_step.get(step)
+            problems.append((step, "gradients are not finite" + (f" (loss {loss:.4g})" if loss is not None else "")))
+        if values["max_consecutive"] > MAX_CONSECUTIVE_OVERFLOWS:
+            problems.append((start + count, f"gradients overflowed {values['max_consecutive']} steps in a row"))
+        if problems:
+            step, what = min(problems, key=lambda problem: problem[0])  # the earliest; a bad loss first
+            epoch = (step - 1) // self.steps_per_epoch
+            raise TrainingDiverged(what, step, epoch, step - epoch * self.steps_per_epoch,
+                                   self._last_good_description())
+
+    def _effective_sink_size(self, start_in_epoch):
+        """Steps per call: 1 for the host loop; with data sinking ``sink_size``, lowered to the greatest common
+        divisor with every distance at which the host acts (log lines, epoch end, a mid-epoch start,
+        save_every_steps, stop_at_step), so that sunk calls end exactly there."""
+        cfg = self.cfg
+        if not self.sinking:
+            return 1
+        size = math.gcd(math.gcd(cfg.sink_size, self.steps_per_epoch), cfg.log_interval)
+        start_global = self.epochs_done * self.steps_per_epoch + start_in_epoch
+        for distance in (start_in_epoch, cfg.save_every_steps,
+                         (cfg.stop_at_step or 0) - start_global):
+            if distance > 0:
+                size = math.gcd(size, distance)
+        if size != cfg.sink_size and not self._sink_note_logged:
+            self._sink_note_logged = True
+            self.log.info(f"data sink: {size} step(s) per call (sink_size {cfg.sink_size} must divide the steps "
+                          f"per epoch {self.steps_per_epoch}, log_interval {cfg.log_interval} and the checkpoint "
+                          f"and stop steps)")
+        return size
+
+    def _steps_runner(self, dataset, size):
+        """A callable that runs ``size`` training steps and returns the last step's loss (a device tensor):
+        one sunk call through ``ms.data_sink`` on Ascend/GPU, the next batch from the host iterator on CPU."""
+        if self.sinking:
+            return self.ms.data_sink(self.monitored, dataset, sink_size=size, jit_config=self.ms.JitConfig())
+        iterator = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
+
+        def run():
+            images, labels = next(iterator)
+            return self.monitored(images, labels)
+        return run
 
     def fit(self):
-        """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict."""
+        """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict.
+
+        The host does not wait for the device per step: losses, lr and the non-finite flags stay on the device
+        (``MonitoredStep``) and are read at log intervals, before every checkpoint and at epoch ends.
+        """
         cfg = self.cfg
         if self.writer:
             os.makedirs(self.output_dir, exist_ok=True)
@@ -370,32 +431,44 @@ class Trainer:
                 handle.write(cfg.to_yaml())
         self._log_setup()
         start = time.time()
+        self._window_start = self._host_step = self.global_step()
+        self._pending, self._log_sum, self._log_steps, self._lr = [], 0.0, 0, float("nan")
+        self.monitored.read()  # a fresh window
         progress = ProgressMeter(self.log, self.total_steps, self.steps_per_epoch, cfg.epochs, self.global_batch,
-                                 start_step=self.global_step())
+                                 start_step=self._window_start)
         last_val = None
         stopped_early = False
         self.network.set_train(True)
         while self.epochs_done < cfg.epochs:
             epoch = self.epochs_done
-            epoch_start, epoch_losses = time.time(), []
+            epoch_start = time.time()
+            self._epoch_sum, self._epoch_steps = 0.0, 0
             dataset = train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch, self.group_size,
                                     self.rank)
             if self.step_in_epoch:
                 dataset = dataset.skip(self.step_in_epoch)
+            size = self._effective_sink_size(self.step_in_epoch)
+            run = self._steps_runner(dataset, size)
             progress.start_epoch()
-            lr = float("nan")
-            for images, labels in dataset.create_tuple_iterator(num_epochs=1):
-                loss, lr_tensor, grads_finite = self.train_step(images, labels)
-                loss = float(loss.asnumpy())
-                self.step_in_epoch += 1
-                progress.step(loss)
-                step = self.global_step()
-                self._check_finite(loss, bool(grads_finite.asnumpy()), step, epoch)
-                lr = float(lr_tensor.asnumpy().reshape(-1)[0])
-                self.history.append((step, loss))
-                epoch_losses.append(loss)
-                if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    record, text = progress.line(epoch, self.step_in_epoch, lr)
+            first_call = True
+            while self.step_in_epoch < self.steps_per_epoch:
+                try:
+                    loss = run()
+                except StopIteration:
+                    raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
+                                    f"{self.steps_per_epoch}") from None
+                self.step_in_epoch += size
+                self._host_step += size
+                step = self._host_step
+                self._pending.append((step, loss))
+                log_due = self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch
+                if first_call or log_due:  # the first wait of an epoch starts its timing
+                    self._read_window(progress)
+                    first_call = False
+                if log_due:
+                    record, text = progress.line(epoch, self.step_in_epoch, self._log_sum / max(self._log_steps, 1),
+                                                 self._lr)
+                    self._log_sum, self._log_steps = 0.0, 0
                     self.log.info(text)
                     self.metrics.write(record)
                 if self.step_in_epoch == self.steps_per_epoch:
@@ -404,13 +477,10 @@ class Trainer:
                     stopped_early = True
                     break
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    self._save_last(f"every {cfg.save_every_steps} steps")
+                    self._save_last(f"every {cfg.save_every_steps} steps", progress)
             if stopped_early:
-                self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
                 break
-            if self.step_in_epoch != self.steps_per_epoch:
-                raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
-                                f"{self.steps_per_epoch}")
             self.epochs_done += 1
             self.step_in_epoch = 0
             if self.sync is not None:  # norm statistics were computed on each rank's own shard
@@ -418,7 +488,8 @@ class Trainer:
                 if self.ema is not None:
                     self.sync.average(list(self.ema.params))
             record = {"type": "epoch", "epoch": self.epochs_done, "global_step": self.global_step(),
-                      "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None, "lr": lr,
+                      "train_loss": self._epoch_sum / self._epoch_steps if self._epoch_steps else None,
+                      "lr": self._lr,
                       "epoch_time_s": time.time() - epoch_start}
             last_epoch = self.epochs_done == cfg.epochs
             self._check_state_finite()
@@ -437,14 +508,14 @@ class Trainer:
             self.metrics.write(record)
             step_due = cfg.save_every_steps and self.global_step() % cfg.save_every_steps == 0
             if self.epochs_done % cfg.save_every_epochs == 0 or last_epoch or step_due:
-                self._save_last(f"epoch {self.epochs_done}")
+                self._save_last(f"epoch {self.epochs_done}", progress)
             if cfg.plot and self.writer:
                 plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
                             self.log if self.epochs_done == 1 else None)
             if cfg.stop_at_step and self.global_step() >= cfg.stop_at_step and not last_epoch:
                 stopped_early = True
                 if not (self.epochs_done % cfg.save_every_epochs == 0 or step_due):
-                    self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                    self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
                 break
         elapsed = time.time() - start
         self.log.info(f"finished at step {self.global_step()} in {format_duration(elapsed)}"

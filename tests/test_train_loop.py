@@ -1,0 +1,103 @@
+"""The lean training loop (no per-step host synchronisation) against the per-step loop it replaced.
+
+The reference below is the loop ``Trainer.fit`` ran before: one ``TrainStep`` call per batch from the host
+iterator, then loss, finite flag, lr and global step copied to the host after every step.
+"""
+import numpy as np
+import pytest
+
+from conftest import tiny_train_config
+from engine.data import train_dataset
+from engine.logger import read_metrics
+from engine.trainer import Trainer
+
+# dynamic loss scaling with O2, EMA and clipping: the device-side flags and sums see real use
+FEATURES = dict(opt="adamw", lr=0.01, weight_decay=0.05, ema_decay=0.9, amp_level="O2", loss_scale="dynamic",
+                loss_scale_value=2.0 ** 24, clip_grad_norm=1.0, epochs=1, val_split=None, log_interval=6)
+
+
+def per_step_reference(trainer):
+    """[(global step, loss, lr, grads finite)] of one epoch, everything read back after every step."""
+    cfg = trainer.cfg
+    trainer.network.set_train(True)
+    rows = []
+    dataset = train_dataset(cfg, trainer.train_index, trainer.num_classes, cfg.seed, 1, 0)
+    for images, labels in dataset.create_tuple_iterator(num_epochs=1):
+        loss, lr, finite = trainer.train_step(images, labels)
+        rows.append((trainer.global_step(), float(loss.asnumpy()), float(lr.asnumpy().reshape(-1)[0]),
+                     bool(finite.asnumpy())))
+        if len(rows) == trainer.steps_per_epoch:
+            break
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(image_folder, tmp_path_factory):
+    trainer = Trainer(tiny_train_config(image_folder[0], str(tmp_path_factory.mktemp("ref")), **FEATURES))
+    rows = per_step_reference(trainer)
+    weights = {name: param.asnumpy() for name, param in trainer.named_params}
+    return rows, weights
+
+
+def test_lean_loop_gives_the_per_step_losses(reference, image_folder, tmp_path):
+    rows, weights = reference
+    trainer = Trainer(tiny_train_config(image_folder[0], str(tmp_path), **FEATURES))
+    summary = trainer.fit()
+    assert [step for step, _ in trainer.history] == [row[0] for row in rows] == list(range(1, 19))
+    np.testing.assert_array_equal([loss for _, loss in trainer.history], [row[1] for row in rows])
+    # the initial scale 2^24 overflows at first: those updates were skipped, as in the reference
+    overflowed = sum(not row[3] for row in rows)
+    assert overflowed > 0 and summary["skipped_steps"] == overflowed
+    for name, param in trainer.named_params:
+        np.testing.assert_array_equal(param.asnumpy(), weights[name], err_msg=name)
+    # progress lines: the mean loss of their window and the lr of their last step
+    lines = [r for r in read_metrics(f"{tmp_path}/metrics.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in lines] == [6, 12, 18]
+    for record in lines:
+        window = rows[record["step"] - 6:record["step"]]
+        assert record["loss"] == pytest.approx(np.mean([row[1] for row in window]), rel=1e-6)
+        assert record["lr"] == pytest.approx(window[-1][2], rel=1e-6)
+
+
+def fake_data_sink(calls):
+    """``ms.data_sink`` as it behaves on Ascend/GPU (``sink_size`` steps per call, the last step's output
+    returned), fed from the host iterator so that the sunk code path runs on CPU."""
+    def data_sink(fn, dataset, sink_size=1, jit_config=None):
+        iterator = dataset.create_tuple_iterator(num_epochs=1)
+
+        def run():
+            calls.append(sink_size)
+            out = None
+            for _ in range(sink_size):
+                out = fn(*next(iterator))
+            return out
+        return run
+    return data_sink
+
+
+def test_sunk_calls_end_where_the_host_acts(reference, image_folder, tmp_path, monkeypatch):
+    import mindspore as ms
+    rows, weights = reference
+    calls = []
+    monkeypatch.setattr(ms, "data_sink", fake_data_sink(calls))
+    trainer = Trainer(tiny_train_config(image_folder[0], str(tmp_path), sink_size=4, save_every_steps=9,
+                                        **FEATURES))
+    trainer.sinking = True
+    trainer.fit()
+    # sink_size 4 is lowered to gcd(4, 18 steps per epoch, log_interval 6, save_every_steps 9) = 1
+    assert set(calls) == {1} and len(calls) == 18
+    np.testing.assert_array_equal([loss for _, loss in trainer.history], [row[1] for row in rows])
+
+    calls.clear()
+    trainer = Trainer(tiny_train_config(image_folder[0], str(tmp_path / "b"), sink_size=3, **FEATURES))
+    trainer.sinking = True
+    trainer.fit()
+    assert calls == [3] * 6
+    assert [step for step, _ in trainer.history] == [3, 6, 9, 12, 15, 18]
+    expected = {row[0]: row[1] for row in rows}
+    np.testing.assert_array_equal([loss for _, loss in trainer.history], [expected[s] for s, _ in trainer.history])
+    for name, param in trainer.named_params:
+        np.testing.assert_array_equal(param.asnumpy(), weights[name], err_msg=name)
+    lines = [r for r in read_metrics(f"{tmp_path}/b/metrics.jsonl") if r["type"] == "train"]
+    assert [r["loss"] for r in lines] == pytest.approx(
+        [np.mean([row[1] for row in rows[end - 6:end]]) for end in (6, 12, 18)], rel=1e-6)
