@@ -145,17 +145,23 @@ class _FileListSource:
         return len(self.samples)
 
 
-def _source(index, shuffle, num_shards, shard_id, num_workers):
-    """ImageFolderDataset over the split (the normal case), or a file list when bad files were skipped."""
+def _source(index, shuffle, num_shards, shard_id, num_workers, subset=None):
+    """ImageFolderDataset over the split (the normal case), or a file list when bad files were skipped.
+
+    ``subset``: sample positions to read, in this order (instead of shuffling/sharding).
+    """
     import mindspore.dataset as ds
-    shard = {"num_shards": num_shards, "shard_id": shard_id} if num_shards and num_shards > 1 else {}
+    if subset is not None:
+        selection = {"sampler": ds.SubsetSampler(list(subset))}
+    else:
+        selection = {"shuffle": shuffle}
+        if num_shards and num_shards > 1:
+            selection.update(num_shards=num_shards, shard_id=shard_id)
     if index.bad_files:
         return ds.GeneratorDataset(_FileListSource(index.samples), column_names=["image", "label"],
-                                   shuffle=shuffle, num_parallel_workers=1, **shard)
-    return ds.ImageFolderDataset(index.root, shuffle=shuffle, extensions=index.extensions,
-                                 class_indexing=index.class_indexing,
-                                 num_parallel_workers=worker_count(num_workers),
-                                 decode=False, **shard)
+                                   num_parallel_workers=1, **selection)
+    return ds.ImageFolderDataset(index.root, extensions=index.extensions, class_indexing=index.class_indexing,
+                                 num_parallel_workers=worker_count(num_workers), decode=False, **selection)
 
 
 def worker_count(requested):
@@ -258,10 +264,18 @@ def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0):
     return dataset
 
 
-def eval_dataset(cfg, index, batch_size=None):
-    """Validation data in file order, all images (the last batch may be smaller)."""
+def eval_dataset(cfg, index, batch_size=None, num_shards=1, shard_id=0):
+    """Validation data in file order, all images (the last batch may be smaller).
+
+    With ``num_shards`` > 1: every ``num_shards``-th image from ``shard_id`` on, so the shards of all ranks
+    hold each image exactly once (no padding repeats, unlike the training shards).
+    """
     from mindspore.dataset import transforms
-    dataset = _source(index, False, 1, 0, cfg.num_workers)
+    subset = range(shard_id, len(index), num_shards) if num_shards > 1 else None
+    if subset is not None and not len(subset):
+        raise DataError(f"validation split {index.root} has {len(index)} image(s), fewer than the "
+                        f"{num_shards} ranks sharing it")
+    dataset = _source(index, False, 1, 0, cfg.num_workers, subset)
     dataset = dataset.map(eval_transforms(cfg), input_columns="image",
                           num_parallel_workers=worker_count(cfg.num_workers))
     dataset = dataset.map(transforms.TypeCast(np.int32), input_columns="label")

@@ -310,9 +310,15 @@ class Trainer:
         return self.network(self.ms.Tensor(images)).asnumpy()
 
     def validate(self):
-        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema)."""
+        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema).
+
+        With data parallel each rank evaluates every ``group_size``-th image and the counts are summed over the
+        ranks: the same numbers as one process evaluating the whole split.
+        """
         if self.val_index is None:
             return None
+        from .logger import RateProgress
+        from .metrics import ClassificationMeter
         use_ema = self.ema is not None and self.cfg.eval_ema
         if use_ema:  # evaluate the EMA weights in the same network, then put the trained weights back
             raw = dict(self.named_params)
@@ -321,13 +327,24 @@ class Trainer:
                 raw[name].set_data(self.ms.Tensor(ema_param.asnumpy()))
         self.network.set_train(False)
         try:
-            dataset = eval_dataset(self.cfg, self.val_index)
-            meter = evaluate(self._predict, dataset, self.num_classes)
+            shard = len(range(self.rank, len(self.val_index), self.group_size))
+            progress = RateProgress(self.log.info, shard, "validation" + (
+                f" (rank 0 of {self.group_size}, {shard} of {len(self.val_index)} images)" if self.group_size > 1
+                else ""))
+            if shard:
+                dataset = eval_dataset(self.cfg, self.val_index, num_shards=self.group_size, shard_id=self.rank)
+                meter = evaluate(self._predict, dataset, self.num_classes, progress=progress)
+            else:
+                meter = ClassificationMeter(self.num_classes)
         finally:
             self.network.set_train(True)
             if use_ema:
                 for param, value in originals:
                     param.set_data(self.ms.Tensor(value))
+        if self.group_size > 1:
+            total = ClassificationMeter(self.num_classes)
+            total.add_counts(self.sync.sum(meter.counts()))
+            meter = total
         return meter.result()
 
     # ---- training -----------------------------------------------------------------------------------

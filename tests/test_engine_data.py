@@ -241,6 +241,20 @@ def test_shards_are_disjoint_and_cover_the_split(image_folder):
     assert len(seen[0] | seen[1]) == 300
 
 
+def test_validation_shards_hold_every_image_once(image_folder):
+    root, _ = image_folder
+    cfg = tiny_train_config(root, None, batch_size=7)
+    index = scan_split(root, "val")
+    whole = [images for images, _ in eval_dataset(cfg, index).create_tuple_iterator(num_epochs=1,
+                                                                                    output_numpy=True)]
+    whole = np.concatenate(whole)
+    shards = [np.concatenate([images for images, _ in eval_dataset(cfg, index, num_shards=3, shard_id=rank)
+                              .create_tuple_iterator(num_epochs=1, output_numpy=True)]) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [34, 33, 33]
+    for rank, shard in enumerate(shards):  # every 3rd image from position `rank` on, in file order
+        np.testing.assert_array_equal(shard, whole[rank::3])
+
+
 def test_steps_per_epoch_and_too_small_dataset():
     assert steps_per_epoch(300, 16) == 18
     assert steps_per_epoch(301, 16, num_shards=2) == 9  # 151 per shard

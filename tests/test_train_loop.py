@@ -101,3 +101,24 @@ def test_sunk_calls_end_where_the_host_acts(reference, image_folder, tmp_path, m
     lines = [r for r in read_metrics(f"{tmp_path}/b/metrics.jsonl") if r["type"] == "train"]
     assert [r["loss"] for r in lines] == pytest.approx(
         [np.mean([row[1] for row in rows[end - 6:end]]) for end in (6, 12, 18)], rel=1e-6)
+
+
+def test_meter_counts_of_shards_add_up_to_the_whole():
+    from engine.metrics import ClassificationMeter
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(37, 6)), rng.integers(0, 6, 37)
+    whole, parts = ClassificationMeter(6), [ClassificationMeter(6), ClassificationMeter(6)]
+    whole.update(logits, labels)
+    for rank, part in enumerate(parts):  # the validation shards: every 2nd image
+        part.update(logits[rank::2], labels[rank::2])
+    merged = ClassificationMeter(6)
+    merged.add_counts(parts[0].counts() + parts[1].counts())
+    assert merged.result() == pytest.approx(whole.result(), rel=1e-12)
+    np.testing.assert_array_equal(merged.confusion, whole.confusion)
+    # the confusion matrix against an explicit loop
+    expected = np.zeros((6, 6), np.int64)
+    for row, label in zip(logits, labels):
+        expected[label, int(np.argmax(row))] += 1
+    np.testing.assert_array_equal(whole.confusion, expected)
+    assert [acc for _, acc, _ in whole.per_class()] == pytest.approx(
+        [100.0 * expected[k, k] / expected[k].sum() if expected[k].sum() else None for k in range(6)])
