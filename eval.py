@@ -98,6 +98,7 @@ def run(args):
     """Evaluate; returns the results dict."""
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
+    from engine.logger import RateProgress
     from engine.metrics import evaluate
     from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
                                 model_from_checkpoint, setup_context)
@@ -134,7 +135,9 @@ def run(args):
     if num_classes is None:  # a MINDIR with --config and no num_classes: one output per class folder
         num_classes = len(index.classes)
     batch = fixed_batch or args.batch_size or cfg.eval_batch_size or cfg.batch_size
-    meter = evaluate(_checked(predict), eval_dataset(cfg, index, batch), num_classes, fixed_batch=fixed_batch)
+    progress = RateProgress(print, len(index), f"evaluating {len(index)} images of {index.root}")
+    meter = evaluate(_checked(predict), eval_dataset(cfg, index, batch), num_classes, fixed_batch=fixed_batch,
+                     progress=progress)
     result = dict(meter.result(), source=args.checkpoint or args.mindir, data=index.root)
     names = class_names or index.classes
     result["per_class"] = {names[i] if i < len(names) else str(i): {"top1": acc, "count": count}

@@ -122,6 +122,7 @@ def export(args):
     """Export, verify and move into place; returns (output path, max |diff| or None)."""
     import mindspore as ms
     from engine.config import ConfigError
+    from engine.logger import StageProgress
     from engine.runtime import check_positive_arguments, check_writable_folder, setup_context
     check_positive_arguments(args, "batch_size", "image_size", "num_classes")
     if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
@@ -132,9 +133,11 @@ def export(args):
                           os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd(),
                           "--output")
     setup_context("graph", args.device_target)
+    stages = StageProgress(print, 4, "export")
     if args.format == "AIR" and ms.get_context("device_target") != "Ascend":
         raise ExportError(f"AIR export needs an Ascend device (device_target is "
                           f"{ms.get_context('device_target')}); use --format MINDIR")
+    stages.next("building the model" + (f" from {args.checkpoint}" if args.checkpoint else " (random weights)"))
     model, info = _model_and_info(args)
     model.set_train(False)
     switched = make_exportable(model, args.attention_impl)
@@ -144,6 +147,7 @@ def export(args):
                                          f"{info['model']}{suffix}")
     shape = (args.batch_size, info["in_chans"], info["image_size"], info["image_size"])
     sample = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+    stages.next(f"compiling and running the network on a {shape} sample")
     reference = model(ms.Tensor(sample)).asnumpy()
     if not np.isfinite(reference).all():
         raise ExportError(f"the network's own output on the sample holds NaN or inf: its weights are broken "
@@ -153,6 +157,7 @@ def export(args):
     temp_dir = tempfile.mkdtemp(prefix=".export-", dir=folder)
     temp_base = os.path.join(temp_dir, "model")
     try:
+        stages.next(f"writing {args.format}")
         try:
             ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
         except Exception as err:  # MindSpore raises RuntimeError/TypeError for unsupported operators
@@ -163,6 +168,7 @@ def export(args):
         written = temp_base + suffix
         if not os.path.isfile(written):
             raise ExportError(f"MindSpore wrote no {suffix} file for {info['model']}")
+        stages.next(f"reloading the {args.format} file and running it on the sample")
         exported = _run_exported(written, args.format, sample)
         max_diff = None
         if exported is not None:
@@ -185,7 +191,7 @@ def export(args):
     with open(output + ".json.tmp", "w", encoding="utf-8") as handle:
         json.dump(sidecar, handle, indent=1)
     os.replace(output + ".json.tmp", output + ".json")
-    print(f"exported {info['model']} ({args.format}, input {shape}) to {output}")
+    stages.finish(f"exported {info['model']} ({args.format}, input {shape}) to {output}")
     return output, max_diff
 
 

@@ -108,12 +108,12 @@ class RateProgress:
         self.start = time.time()
         self.last_report = self.start
 
-    def rate(self):
-        elapsed = time.time() - self.start
+    def rate(self, now=None):
+        elapsed = (time.time() if now is None else now) - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
-    def text(self):
-        rate = self.rate()
+    def text(self, now=None):
+        rate = self.rate(now)
         eta = (self.total - self.done) / rate if rate > 0 else None
         return (f"{self.what}: {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
                 f"eta {format_duration(eta) if eta is not None else '?'}")
@@ -124,16 +124,37 @@ class RateProgress:
         now = time.time()
         if self.report is not None and now - self.last_report >= self.interval_s and self.done < self.total:
             self.last_report = now
-            self.report(self.text())
+            self.report(self.text(now))
 
     def finish(self):
         """Reports the final line: items, time and rate. Returns it."""
-        elapsed = time.time() - self.start
-        line = (f"{self.what}: {self.done} {self.unit} in {elapsed:.1f} s "
-                f"({self.rate():.1f} {self.unit}/s)")
+        now = time.time()
+        line = (f"{self.what}: {self.done} {self.unit} in {now - self.start:.1f} s "
+                f"({self.rate(now):.1f} {self.unit}/s)")
         if self.report is not None:
             self.report(line)
         return line
+
+
+class StageProgress:
+    """Progress of a job made of a few long stages (export: build, compile and run, write, reload and check):
+    ``next(text)`` reports 'what [k/n] text (t s so far)'; ``finish()`` the total time."""
+
+    def __init__(self, report, stages, what):
+        self.report = report
+        self.stages = stages
+        self.what = what
+        self.index = 0
+        self.start = time.time()
+
+    def next(self, text):
+        self.index += 1
+        if self.report is not None:
+            self.report(f"{self.what} [{self.index}/{self.stages}] {text} ({time.time() - self.start:.1f} s so far)")
+
+    def finish(self, text="done"):
+        if self.report is not None:
+            self.report(f"{self.what}: {text} in {time.time() - self.start:.1f} s")
 
 
 class MetricsWriter:

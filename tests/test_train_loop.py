@@ -122,3 +122,17 @@ def test_meter_counts_of_shards_add_up_to_the_whole():
     np.testing.assert_array_equal(whole.confusion, expected)
     assert [acc for _, acc, _ in whole.per_class()] == pytest.approx(
         [100.0 * expected[k, k] / expected[k].sum() if expected[k].sum() else None for k in range(6)])
+
+
+def test_progress_lines_report_rate_and_eta(monkeypatch):
+    from engine import logger
+    lines = []
+    clock = iter([100.0, 101.0, 102.0, 130.0, 130.0, 130.0])
+    monkeypatch.setattr(logger.time, "time", lambda: next(clock))
+    progress = logger.RateProgress(lines.append, 400, "validation", interval_s=10)  # starts at t=100
+    progress.update(100)  # t=101: under the interval, silent
+    progress.update(100)  # t=102: silent
+    progress.update(100)  # t=130: 300 images in 30 s -> 10 img/s, 100 left -> eta 10 s
+    assert lines == ["validation: 300/400 img 10.0 img/s eta 0:00:10"]
+    progress.update(100)
+    assert progress.finish() == "validation: 400 img in 30.0 s (13.3 img/s)" == lines[-1]
