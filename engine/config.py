@@ -134,8 +134,10 @@ TRAIN_OPTIONS = (
         ("std", "float_list", [0.229, 0.224, 0.225], "per-channel std of pixels scaled to [0, 1]"),
         ("batch_size", "int", 128, "training batch size per device"),
         ("eval_batch_size", "int", None, "validation batch size (null: batch_size)", {"optional": True}),
-        ("num_workers", "int", 4, "parallel decoding/augmentation workers per device"),
-        ("verify_images", "bool", True, "decode every image before training to find unreadable or truncated files"),
+        ("num_workers", "int", None, "parallel decoding/augmentation workers per device (null: from the machine: "
+                                     "its available cores / processes on it, at most 8)", {"optional": True}),
+        ("verify_images", "bool", True, "fully decode every image before training to find unreadable or truncated files "
+                                          "(on rank 0, once per dataset: the result is cached)"),
         ("bad_images", "str", "fail", "unreadable images: fail, or skip them with a counted warning",
          {"choices": ("fail", "skip")}),
     )
@@ -208,16 +210,16 @@ TRAIN_OPTIONS = (
          {"optional": True}),
         ("val_every_epochs", "int", 1, "validate every N epochs (and after the last)"),
         ("log_interval", "int", 20, "steps between progress lines"),
+        ("plot", "bool", True, "write curves.png next to metrics.jsonl (needs matplotlib)"),
         ("data_sink", "bool", True, "Ascend/GPU: feed batches through a device queue and run sink_size steps per "
                                     "call (ms.data_sink); CPU always runs a host loop"),
         ("sink_size", "int", 20, "steps per sunk call (lowered to divide log_interval, the steps per epoch and "
                                  "the checkpoint steps)"),
-        ("plot", "bool", True, "write curves.png next to metrics.jsonl (needs matplotlib)"),
     )
 )
 
 _POSITIVE_INTS = ("batch_size", "epochs", "save_every_epochs", "val_every_epochs", "log_interval",
-                  "image_size", "num_workers", "loss_scale_window", "sink_size")
+                  "image_size", "loss_scale_window", "sink_size")
 
 
 class Config:
@@ -358,7 +360,7 @@ def check_train_config(cfg):
         raise ConfigError(f"option 'clip_grad_norm' must be > 0 (or null), got {cfg.clip_grad_norm}")
     if cfg.stop_at_step is not None and cfg.stop_at_step < 1:
         raise ConfigError(f"option 'stop_at_step' must be >= 1 (or null), got {cfg.stop_at_step}")
-    for name in ("num_classes", "eval_batch_size", "lr_base_batch"):
+    for name in ("num_classes", "eval_batch_size", "lr_base_batch", "num_workers"):
         if cfg[name] is not None and cfg[name] < 1:
             raise ConfigError(f"option '{name}' must be >= 1 (or null), got {cfg[name]}")
     for name in ("weight_decay", "min_lr", "warmup_lr", "mixup", "cutmix", "save_every_steps", "keep_checkpoint_max",

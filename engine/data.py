@@ -5,7 +5,7 @@ sorted alphabetically, identical for every split (a split whose class folders di
 
 * ``scan_split`` lists a split and (optionally) decodes every image, so a missing or empty folder,
   a class mismatch or an unreadable or truncated file is reported before any graph is compiled.
-* ``train_dataset``: decode -> RandomResizedCrop -> flip -> RandAugment (opt.) -> normalise -> CHW ->
+* ``train_dataset``: fused decode + RandomResizedCrop (RandomCropDecodeResize) -> flip -> RandAugment (opt.) -> normalise -> CHW ->
   RandomErasing (opt.) -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank for data parallel.
 * ``eval_dataset``: decode -> resize to image_size / crop_pct -> center crop -> normalise -> CHW.
 
@@ -15,7 +15,6 @@ when mixup/cutmix is on.
 """
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,27 +51,102 @@ def _image_problem(path):
     """None if the whole image decodes, else the reason.
 
     ``verify()`` checks headers (and PNG checksums) only: a JPEG cut short late in the file passes it, then
-    stops the training pipeline mid-epoch. So every file is also decoded to its end; JPEGs in PIL's draft
-    mode (1/8 scale: the whole entropy-coded stream is read, the costly full-size inverse DCT skipped).
+    stops the training pipeline mid-epoch. So every file is also fully decoded.
     """
     from PIL import Image
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
-            if image.format == "JPEG":
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
         return None
     except Exception as err:  # PIL raises many types for broken files; all mean "unreadable"
         return f"{type(err).__name__}: {err}"
 
 
-def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threads=8):
+CACHE_ENV = "ACMIX_CACHE_DIR"
+
+
+def image_check_cache_dir():
+    """Where image-check results are kept: ``$ACMIX_CACHE_DIR/image_check`` (default ~/.cache/acmix_ms)."""
+    base = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "acmix_ms")
+    return os.path.join(base, "image_check")
+
+
+def _fingerprint(index):
+    """Hash of the split's files (absolute path, size, modification time): a changed file changes it."""
+    import hashlib
+    digest = hashlib.sha256()
+    for path, _ in index.samples:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def find_bad_images(index, num_threads=None, use_cache=True):
+    """[(path, reason)] of the files of ``index`` that do not fully decode.
+
+    The result is cached per file list (``image_check_cache_dir``, keyed by paths, sizes and modification
+    times), so each dataset is decoded once, not on every start. Progress (img/s, ETA) is logged every 10 s.
+    """
+    from .logger import RateProgress
+    cache = os.path.join(image_check_cache_dir(), _fingerprint(index) + ".json") if use_cache else None
+    if cache and os.path.isfile(cache):
+        import json
+        try:
+            with open(cache, encoding="utf-8") as handle:
+                bad = [tuple(item) for item in json.load(handle)["bad"]]
+            logger.info("image check of %s: %d images, %d unreadable (cached result in %s)", index.root,
+                        len(index), len(bad), cache)
+            return bad
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable cache file: check again
+    paths = [path for path, _ in index.samples]
+    progress = RateProgress(logger.info, len(paths), f"image check of {index.root}")
+    problems = []
+    with ThreadPoolExecutor(max_workers=num_threads or available_cores()) as pool:
+        for reason in pool.map(_image_problem, paths, chunksize=16):
+            problems.append(reason)
+            progress.update(1)
+    progress.finish()
+    bad = [(path, reason) for path, reason in zip(paths, problems) if reason is not None]
+    if cache:
+        import json
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            temp = f"{cache}.{os.getpid()}.tmp"
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump({"root": os.path.abspath(index.root), "images": len(paths), "bad": bad}, handle)
+            os.replace(temp, cache)
+        except OSError as err:
+            logger.warning("could not cache the image check in %s (%s): it runs again next time", cache, err)
+    return bad
+
+
+def drop_bad_images(index, bad, bad_images="fail"):
+    """Apply an image check's result: 'fail' raises DataError listing the files, 'skip' returns the index
+    without them (with a counted warning)."""
+    if not bad:
+        return index
+    root = index.root
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    if bad_images == "fail":
+        raise DataError(f"{len(bad)} unreadable image(s) in {root} (use --bad_images skip to train "
+                        f"without them):\n{listing}{more}")
+    logger.warning("skipping %d unreadable image(s) of %d in %s:\n%s%s", len(bad), len(index), root,
+                   listing, more)
+    bad_paths = {path for path, _ in bad}
+    return SplitIndex(root, index.classes, [sample for sample in index.samples if sample[0] not in bad_paths],
+                      list(bad), index.extensions)
+
+
+def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threads=None):
     """List ``data_dir/split`` and check it can be trained on.
 
     Args:
-        verify_images: check and decode every image (PIL) to find unreadable or truncated files.
+        verify_images: fully decode every image (PIL; cached, see ``find_bad_images``) to find unreadable or
+            truncated files.
         bad_images: 'fail' raises DataError listing the unreadable files; 'skip' drops them with a
             counted warning.
     Returns:
@@ -102,24 +176,10 @@ def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threa
         raise DataError(f"dataset folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     if empty:
         raise DataError(f"class folders without images in {root}: {', '.join(empty)}")
-    bad = []
+    index = SplitIndex(root, classes, samples, [], sorted(suffixes))
     if verify_images:
-        start = time.time()
-        with ThreadPoolExecutor(max_workers=num_threads) as pool:
-            problems = list(pool.map(_image_problem, [path for path, _ in samples]))
-        bad = [(path, reason) for (path, _), reason in zip(samples, problems) if reason is not None]
-        logger.info("checked %d images in %s in %.1f s", len(samples), root, time.time() - start)
-    if bad:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        if bad_images == "fail":
-            raise DataError(f"{len(bad)} unreadable image(s) in {root} (use --bad_images skip to train "
-                            f"without them):\n{listing}{more}")
-        logger.warning("skipping %d unreadable image(s) of %d in %s:\n%s%s", len(bad), len(samples), root,
-                       listing, more)
-        bad_paths = {path for path, _ in bad}
-        samples = [sample for sample in samples if sample[0] not in bad_paths]
-    return SplitIndex(root, classes, samples, bad, sorted(suffixes))
+        index = drop_bad_images(index, find_bad_images(index, num_threads), bad_images)
+    return index
 
 
 def check_same_classes(train_index, val_index):
@@ -164,9 +224,29 @@ def _source(index, shuffle, num_shards, shard_id, num_workers, subset=None):
                                  num_parallel_workers=worker_count(num_workers), decode=False, **selection)
 
 
-def worker_count(requested):
-    """``requested`` parallel workers, capped at the CPU count (MindSpore rejects more)."""
-    return max(1, min(int(requested), os.cpu_count() or 1))
+MAX_AUTO_WORKERS = 8
+
+
+def available_cores():
+    """CPU cores this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(requested=None):
+    """Parallel dataset workers per process.
+
+    ``requested`` None: from the machine: the available cores shared by the processes msrun started
+    (``MS_WORKER_NUM``, assumed to run on this machine), at most ``MAX_AUTO_WORKERS``. A number is capped at
+    the available cores (MindSpore rejects more).
+    """
+    cores = available_cores()
+    if requested is None:
+        processes = max(1, int(os.environ.get("MS_WORKER_NUM", "1") or 1))
+        return max(1, min(MAX_AUTO_WORKERS, cores // processes))
+    return max(1, min(int(requested), cores))
 
 
 def _interpolation(name):
@@ -198,9 +278,10 @@ def _channel_ops(cfg):
 def train_transforms(cfg):
     """Per-image training ops up to normalisation and CHW layout (random erasing and mixing come after)."""
     from mindspore.dataset import vision
-    ops = [vision.Decode(),
-           vision.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                    interpolation=_interpolation(cfg.interpolation))]
+    # one fused C++ op (for JPEG the crop window is decoded only); same draws and pixels as
+    # Decode + RandomResizedCrop (tests/test_engine_data.py)
+    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                         interpolation=_interpolation(cfg.interpolation))]
     if cfg.hflip > 0:
         ops.append(vision.RandomHorizontalFlip(cfg.hflip))
     if cfg.randaugment_ops > 0:

@@ -23,7 +23,8 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data import DataError, check_same_classes, eval_dataset, scan_split, steps_per_epoch, train_dataset
+from .data import (DataError, check_same_classes, drop_bad_images, eval_dataset, find_bad_images, scan_split,
+                   steps_per_epoch, train_dataset)
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
 from .metrics import evaluate
@@ -88,11 +89,15 @@ class Trainer:
             self.log.info(f"removed {len(debris)} partial checkpoint file(s) of an interrupted save: "
                           + ", ".join(os.path.basename(path) for path in debris))
 
-        # data first: a bad dataset fails before any compilation
-        self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
+        # data first: a bad dataset fails before the model is compiled
+        self.sync = None
+        if self.group_size > 1:
+            from .step import RankSync
+            self.sync = RankSync(self.group_size)
+        self.train_index = self._scan(cfg.train_split)
         self.val_index = None
         if cfg.val_split:
-            self.val_index = scan_split(cfg.data_dir, cfg.val_split, cfg.verify_images, cfg.bad_images)
+            self.val_index = self._scan(cfg.val_split)
             check_same_classes(self.train_index, self.val_index)
         self.class_names = self.train_index.classes
         self.num_classes = cfg.num_classes or len(self.class_names)
@@ -153,6 +158,23 @@ class Trainer:
             debris = ckpt.remove_temp_files(self.save_dir)
         return removed, debris
 
+    def _scan(self, split):
+        """List a split; with verify_images, the image check (cached) runs on rank 0 only: the other ranks
+        learn how many files failed, and re-check (from the cache on the same machine) only when files must
+        be skipped."""
+        cfg = self.cfg
+        index = scan_split(cfg.data_dir, split, verify_images=False)
+        if not cfg.verify_images:
+            return index
+        bad = find_bad_images(index) if self.rank == 0 else None
+        if self.sync is not None:
+            count = int(round(self.sync.sum([len(bad) if bad is not None else 0])[0]))
+            if bad is None:
+                if count and cfg.bad_images == "fail":
+                    raise DataError(f"rank 0 found {count} unreadable image(s) in {index.root} (listed in its log)")
+                bad = find_bad_images(index) if count else []
+        return drop_bad_images(index, bad, cfg.bad_images)
+
     def _build_model(self):
         import mindspore as ms
         from mindspore import amp
@@ -173,7 +195,7 @@ class Trainer:
         from mindspore import nn
         from .losses import SmoothedCrossEntropy
         from .optim import create_optimizer, optimizer_state
-        from .step import EMA, MonitoredStep, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
+        from .step import EMA, MonitoredStep, NetWithLoss, TrainStep, create_loss_scaler, loss_scaler_state
         cfg = self.cfg
         self.optimizer, self.schedule, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
@@ -182,10 +204,8 @@ class Trainer:
         self.loss_scaler = create_loss_scaler(cfg.loss_scale, cfg.loss_scale_value, cfg.loss_scale_window)
         self.scaler_state = loss_scaler_state(self.loss_scaler)
         reducer = None
-        self.sync = None
         if self.group_size > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.group_size)
-            self.sync = RankSync(self.group_size)
         loss = SmoothedCrossEntropy(cfg.label_smoothing)
         self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
                                     cfg.clip_grad_norm, self.ema, reducer, self.group_size)
