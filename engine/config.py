@@ -136,8 +136,8 @@ TRAIN_OPTIONS = (
         ("eval_batch_size", "int", None, "validation batch size (null: batch_size)", {"optional": True}),
         ("num_workers", "int", None, "parallel decoding/augmentation workers per device (null: from the machine: "
                                      "its available cores / processes on it, at most 8)", {"optional": True}),
-        ("verify_images", "bool", True, "fully decode every image before training to find unreadable or truncated files "
-                                          "(on rank 0, once per dataset: the result is cached)"),
+        ("verify_images", "bool", True, "fully decode every image before training to find unreadable or "
+                                          "truncated files (on rank 0, once per dataset: the result is cached)"),
         ("bad_images", "str", "fail", "unreadable images: fail, or skip them with a counted warning",
          {"choices": ("fail", "skip")}),
     )

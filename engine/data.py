@@ -3,10 +3,11 @@
 Layout: ``<data_dir>/<split>/<class name>/<image file>``. Labels are the indices of the class folder names
 sorted alphabetically, identical for every split (a split whose class folders differ is rejected).
 
-* ``scan_split`` lists a split and (optionally) decodes every image, so a missing or empty folder,
-  a class mismatch or an unreadable or truncated file is reported before any graph is compiled.
-* ``train_dataset``: fused decode + RandomResizedCrop (RandomCropDecodeResize) -> flip -> RandAugment (opt.) -> normalise -> CHW ->
-  RandomErasing (opt.) -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank for data parallel.
+* ``scan_split`` lists a split and (optionally) fully decodes every image once (the result is cached), so a
+  missing or empty folder, a class mismatch or an unreadable or truncated file is reported before any graph
+  is compiled.
+* ``train_dataset``: fused decode + RandomResizedCrop (RandomCropDecodeResize) -> flip -> RandAugment (opt.)
+  -> normalise -> CHW -> RandomErasing (opt.) -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank.
 * ``eval_dataset``: decode -> resize to image_size / crop_pct -> center crop -> normalise -> CHW.
 
 Images are decoded to 3 channels (grey files are expanded); ``in_chans=1`` feeds the luminance only.
@@ -275,13 +276,19 @@ def _channel_ops(cfg):
     return ops
 
 
-def train_transforms(cfg):
-    """Per-image training ops up to normalisation and CHW layout (random erasing and mixing come after)."""
+def train_transforms(cfg, fused=True):
+    """Per-image training ops up to normalisation and CHW layout (random erasing and mixing come after).
+
+    ``fused``: decode and random-resized-crop in one C++ op (for JPEG only the crop window is decoded); the
+    same draws as Decode + RandomResizedCrop (``fused=False``, kept for benchmarks/bench_data.py), the same
+    pixels for PNG and nearly so for JPEG (tests/test_engine_data.py).
+    """
     from mindspore.dataset import vision
-    # one fused C++ op (for JPEG the crop window is decoded only); same draws and pixels as
-    # Decode + RandomResizedCrop (tests/test_engine_data.py)
-    ops = [vision.RandomCropDecodeResize(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                         interpolation=_interpolation(cfg.interpolation))]
+    crop = dict(scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), interpolation=_interpolation(cfg.interpolation))
+    if fused:
+        ops = [vision.RandomCropDecodeResize(cfg.image_size, **crop)]
+    else:
+        ops = [vision.Decode(), vision.RandomResizedCrop(cfg.image_size, **crop)]
     if cfg.hflip > 0:
         ops.append(vision.RandomHorizontalFlip(cfg.hflip))
     if cfg.randaugment_ops > 0:
@@ -317,18 +324,18 @@ def uses_soft_labels(cfg):
     return cfg.mixup > 0 or cfg.cutmix > 0
 
 
-def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0):
+def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0, fused=True):
     """Shuffled, augmented, batched training data for one epoch (drop_remainder=True).
 
     ``seed`` fixes the order and the augmentation draws, so a resumed run sees the same batches as an
-    uninterrupted one (callers pass ``cfg.seed + epoch``).
+    uninterrupted one (callers pass ``cfg.seed + epoch``). ``fused``: see ``train_transforms``.
     """
     import mindspore.dataset as ds
     from mindspore.dataset import transforms, vision
     ds.config.set_seed(seed)
     dataset = _source(index, True, num_shards, shard_id, cfg.num_workers)
     workers = worker_count(cfg.num_workers)
-    dataset = dataset.map(train_transforms(cfg), input_columns="image", num_parallel_workers=workers)
+    dataset = dataset.map(train_transforms(cfg, fused), input_columns="image", num_parallel_workers=workers)
     if cfg.random_erasing > 0:
         # a Python op drawing from a shared RNG: one worker keeps the draws reproducible (exact resume)
         dataset = dataset.map(vision.RandomErasing(prob=cfg.random_erasing), input_columns="image",
