@@ -7,7 +7,8 @@ sorted alphabetically, identical for every split (a split whose class folders di
   missing or empty folder, a class mismatch or an unreadable or truncated file is reported before any graph
   is compiled.
 * ``train_dataset``: fused decode + RandomResizedCrop (RandomCropDecodeResize) -> flip -> RandAugment (opt.)
-  -> normalise -> CHW -> RandomErasing (opt.) -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank.
+  -> normalise -> CHW -> batch -> MixUp/CutMix (opt., soft labels). Shards by rank. With random erasing a
+  third column "erase" (B, 41) carries uniform draws for ``engine.step.BatchRandomErasing`` (on the device).
 * ``eval_dataset``: decode -> resize to image_size / crop_pct -> center crop -> normalise -> CHW.
 
 Images are decoded to 3 channels (grey files are expanded); ``in_chans=1`` feeds the luminance only.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+ERASE_ATTEMPTS = 10  # = engine.step.ERASE_ATTEMPTS (not imported: no MindSpore graph code in the data module)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 logger = logging.getLogger("engine.data")
@@ -331,15 +333,17 @@ def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0, fused
     uninterrupted one (callers pass ``cfg.seed + epoch``). ``fused``: see ``train_transforms``.
     """
     import mindspore.dataset as ds
-    from mindspore.dataset import transforms, vision
+    from mindspore.dataset import transforms
     ds.config.set_seed(seed)
     dataset = _source(index, True, num_shards, shard_id, cfg.num_workers)
     workers = worker_count(cfg.num_workers)
     dataset = dataset.map(train_transforms(cfg, fused), input_columns="image", num_parallel_workers=workers)
     if cfg.random_erasing > 0:
-        # a Python op drawing from a shared RNG: one worker keeps the draws reproducible (exact resume)
-        dataset = dataset.map(vision.RandomErasing(prob=cfg.random_erasing), input_columns="image",
-                              num_parallel_workers=1)
+        # erasing itself runs on the device (engine.step.BatchRandomErasing); its uniform draws ride along as
+        # an "erase" column, drawn from (seed, shard): reproducible, and skipped with the batches on resume
+        rng = np.random.default_rng([seed, shard_id])
+        draws = rng.random((len(index), 1 + 4 * ERASE_ATTEMPTS), dtype=np.float32)
+        dataset = ds.zip((dataset, ds.NumpySlicesDataset({"erase": draws}, shuffle=False)))
     mixing = _batch_mixing(cfg)
     if mixing is not None:
         dataset = dataset.map([transforms.OneHot(num_classes), transforms.TypeCast(np.float32)],

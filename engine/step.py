@@ -75,6 +75,57 @@ class EMA:
         return list(zip(self.names, self.params))
 
 
+ERASE_ATTEMPTS = 10
+
+
+class BatchRandomErasing(nn.Cell):
+    """Random erasing of a batch on the device, from uniform draws made by the data pipeline.
+
+    The distribution of ``mindspore.dataset.vision.RandomErasing`` (value 0, bounded): with probability
+    ``prob`` an image gets one rectangle set to 0; up to ``attempts`` candidate rectangles of area
+    ``uniform(scale) * H * W`` and aspect ratio ``uniform(ratio)`` (w = round(sqrt(area * ratio)),
+    h = round(w / ratio)), the first with h < H and w < W is used, at a uniform position inside the image;
+    none fitting: the image is kept.
+
+    Inputs: images (B, C, H, W); draws (B, 1 + 4 * attempts) uniform in [0, 1): [apply, then per attempt:
+    area, ratio, top, left] (``engine.data`` makes them, so the erasing follows the data order and seed).
+    Output: images (B, C, H, W).
+    """
+
+    def __init__(self, prob, scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts=ERASE_ATTEMPTS):
+        super().__init__()
+        self.prob = float(prob)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.attempts = int(attempts)
+
+    def construct(self, images, draws):
+        batch, _, height, width = images.shape
+        draws = ops.cast(draws, ms.float32)
+        tries = ops.reshape(draws[:, 1:], (batch, self.attempts, 4))
+        area = (self.scale[0] + (self.scale[1] - self.scale[0]) * tries[:, :, 0]) * float(height * width)
+        aspect = self.ratio[0] + (self.ratio[1] - self.ratio[0]) * tries[:, :, 1]
+        erase_w = ops.round(ops.sqrt(area * aspect))
+        erase_h = ops.round(erase_w / aspect)
+        fits = ops.logical_and(erase_h < float(height), erase_w < float(width))
+        # the first fitting attempt: weight each attempt by 2^(attempts - index) and take the largest
+        order = ops.cast(fits, ms.float32) * ops.pow(2.0, ms.numpy.arange(self.attempts, 0, -1).astype(ms.float32))
+        first = ops.one_hot(ops.argmax(order, 1), self.attempts, ms.Tensor(1.0, ms.float32),
+                            ms.Tensor(0.0, ms.float32))
+        h = (erase_h * first).sum(1)
+        w = (erase_w * first).sum(1)
+        top = ops.floor((tries[:, :, 2] * first).sum(1) * (float(height) - h + 1.0))
+        left = ops.floor((tries[:, :, 3] * first).sum(1) * (float(width) - w + 1.0))
+        chosen = ops.logical_and(draws[:, 0] < self.prob, fits.any(1))
+        rows = ms.numpy.arange(height).astype(ms.float32).reshape(1, height, 1)
+        cols = ms.numpy.arange(width).astype(ms.float32).reshape(1, 1, width)
+        inside_rows = ops.logical_and(rows >= top.reshape(-1, 1, 1), rows < (top + h).reshape(-1, 1, 1))
+        inside_cols = ops.logical_and(cols >= left.reshape(-1, 1, 1), cols < (left + w).reshape(-1, 1, 1))
+        erase = ops.logical_and(ops.logical_and(inside_rows, inside_cols), chosen.reshape(-1, 1, 1))
+        keep = 1.0 - ops.cast(erase, images.dtype).expand_dims(1)
+        return images * keep
+
+
 class TrainStep(nn.Cell):
     """One optimisation step; returns (loss, lr, grads_finite) for the batch.
 
@@ -89,11 +140,14 @@ class TrainStep(nn.Cell):
         ema: an ``EMA`` or None.
         grad_reducer: ``nn.DistributedGradReducer`` for data parallel, or None.
         group_size: number of data-parallel ranks (the returned loss is their mean).
+        eraser: a ``BatchRandomErasing`` or None; with it the step takes a third input, its draws.
     """
 
     def __init__(self, net_with_loss, optimizer, loss_scaler, clip_grad_norm=None, ema=None, grad_reducer=None,
-                 group_size=1):
+                 group_size=1, eraser=None):
         super().__init__(auto_prefix=False)
+        self.erase = eraser is not None
+        self.eraser = eraser
         self.net_with_loss = net_with_loss
         self.optimizer = optimizer
         self.weights = optimizer.parameters
@@ -118,7 +172,9 @@ class TrainStep(nn.Cell):
         loss = self.net_with_loss(images, labels)
         return self.loss_scaler.scale(loss), loss
 
-    def construct(self, images, labels):
+    def construct(self, images, labels, *extra):
+        if self.erase:  # extra[0]: the random-erasing draws of the batch (B, 1 + 4 * attempts)
+            images = self.eraser(images, extra[0])
         lr = self.optimizer.learning_rate(self.optimizer.global_step)
         (_, loss), grads = self.grad_fn(images, labels)
         if self.reduce:
@@ -214,7 +270,8 @@ class MonitoredStep(nn.Cell):
     (steps whose gradients were not finite: skipped updates), ``max_consecutive`` (longest run of such
     steps, carried across windows through ``consecutive``), ``first_bad_loss`` / ``first_overflow``
     (1-based index in the window of the first non-finite loss / gradients, 0: none), ``lr`` (of the last
-    step). ``construct(images, labels)`` returns the step's loss (a device tensor; reading it is optional).
+    step). ``construct(images, labels, *extra)`` (extra: the random-erasing draws when on) returns the step's
+    loss (a device tensor; reading it is optional).
     """
 
     def __init__(self, train_step):
@@ -234,8 +291,8 @@ class MonitoredStep(nn.Cell):
         self._window = (self.loss_sum, self.steps, self.overflows, self.max_consecutive, self.first_bad_loss,
                         self.first_overflow)
 
-    def construct(self, images, labels):
-        loss, lr, finite = self.train_step(images, labels)
+    def construct(self, images, labels, *extra):
+        loss, lr, finite = self.train_step(images, labels, *extra)
         loss = ops.reshape(ops.cast(loss, ms.float32), ())
         index = self.steps + 1
         overflow = ops.logical_not(ops.reshape(finite, ()))

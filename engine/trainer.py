@@ -195,7 +195,8 @@ class Trainer:
         from mindspore import nn
         from .losses import SmoothedCrossEntropy
         from .optim import create_optimizer, optimizer_state
-        from .step import EMA, MonitoredStep, NetWithLoss, TrainStep, create_loss_scaler, loss_scaler_state
+        from .step import (EMA, BatchRandomErasing, MonitoredStep, NetWithLoss, TrainStep, create_loss_scaler,
+                           loss_scaler_state)
         cfg = self.cfg
         self.optimizer, self.schedule, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
@@ -207,8 +208,9 @@ class Trainer:
         if self.group_size > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.group_size)
         loss = SmoothedCrossEntropy(cfg.label_smoothing)
+        eraser = BatchRandomErasing(cfg.random_erasing) if cfg.random_erasing > 0 else None
         self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
-                                    cfg.clip_grad_norm, self.ema, reducer, self.group_size)
+                                    cfg.clip_grad_norm, self.ema, reducer, self.group_size, eraser)
         self.monitored = MonitoredStep(self.train_step)
 
     # ---- state and checkpoints ----------------------------------------------------------------------
@@ -451,8 +453,7 @@ class Trainer:
         iterator = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
 
         def run():
-            images, labels = next(iterator)
-            return self.monitored(images, labels)
+            return self.monitored(*next(iterator))  # images, labels (, random-erasing draws)
         return run
 
     def fit(self):

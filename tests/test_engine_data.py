@@ -274,8 +274,9 @@ def test_grey_single_channel_input(image_folder):
 def test_mixup_cutmix_give_soft_labels(image_folder):
     root, _ = image_folder
     cfg = tiny_train_config(root, None, mixup=0.8, cutmix=1.0, randaugment_ops=2, random_erasing=0.5)
-    _, labels = first_batch(train_dataset(cfg, scan_split(root, "train"), 10, seed=0))
+    images, labels, erase_draws = first_batch(train_dataset(cfg, scan_split(root, "train"), 10, seed=0))
     assert labels.shape == (16, 10) and labels.dtype == np.float32
+    assert erase_draws.shape == (16, 41) and ((erase_draws >= 0) & (erase_draws < 1)).all()  # random erasing
     np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
     assert ((labels > 0) & (labels < 1)).any()  # some rows really mix two classes
 
