@@ -98,7 +98,7 @@ def run(args):
     """Evaluate; returns the results dict."""
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
-    from engine.logger import RateProgress
+    from engine.logger import RateProgress, setup_logging
     from engine.metrics import evaluate
     from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
                                 model_from_checkpoint, setup_context)
@@ -107,6 +107,7 @@ def run(args):
         check_writable_folder(os.path.dirname(os.path.abspath(args.json_path)), "--json")
     given = given_run_options(args)
     setup_context(args.mode, args.device_target)
+    setup_logging(None, True, "engine.data")  # the image check's progress lines
     if args.checkpoint:
         model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
