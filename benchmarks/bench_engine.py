@@ -5,6 +5,7 @@ on one device-resident batch over and over: no data pipeline, no engine; the upp
 ``engine``: ``python train.py`` on an ImageFolder (decode, random-resized crop, flip, normalise, batch in the
 dataset workers; the engine's step with lr schedule, finiteness check, label smoothing; progress lines),
 its img/s read from the metrics.jsonl written by the run (steps after the first of each epoch).
+``--compare_repo`` also runs the train.py of another checkout (e.g. the code before a change) the same way.
 
 Each measurement runs in a fresh subprocess; rounds interleave (bare, engine, bare, engine, ...) so machine
 load hits both alike. Report: img/s of each (median over rounds) and engine / bare.
@@ -50,9 +51,9 @@ def bare_worker(model, image_size, batch_size, steps, num_classes, in_chans, dev
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def engine_run(args, output_dir):
-    """img/s of a train.py run (the last progress record: all timed steps of the run)."""
-    command = [sys.executable, str(ROOT / "train.py"), "--model", args.model, "--data_dir", args.data_dir,
+def engine_run(args, output_dir, repo=ROOT):
+    """img/s of a train.py run of the checkout ``repo`` (the last progress record: all timed steps of the run)."""
+    command = [sys.executable, str(Path(repo) / "train.py"), "--model", args.model, "--data_dir", args.data_dir,
                "--output_dir", output_dir, "--image_size", str(args.image_size), "--crop_pct", "1.0",
                "--batch_size", str(args.batch_size), "--epochs", "1", "--stop_at_step", str(args.steps + 1),
                "--val_split", "null", "--plot", "false", "--log_interval", str(args.log_interval),
@@ -62,7 +63,7 @@ def engine_run(args, output_dir):
         command += ["--num_workers", str(args.num_workers)]
     if args.device_target:
         command += ["--device_target", args.device_target]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=args.timeout)
     if result.returncode != 0:
         raise RuntimeError(f"train.py failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     records = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl")) if line.strip()]
@@ -85,6 +86,7 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
+    parser.add_argument("--compare_repo", help="also measure train.py of this checkout (e.g. the code before a change)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -99,6 +101,8 @@ def main(argv=None):
         print(f"error: {args.data_dir} has no train/ folder", file=sys.stderr)
         return 2
     rates = {"bare": [], "engine": []}
+    if args.compare_repo:
+        rates["compared"] = []
     with tempfile.TemporaryDirectory() as scratch:
         for round_number in range(args.rounds):
             bare = subprocess.run([sys.executable, __file__, "--worker"] + (argv if argv is not None else sys.argv[1:]),
@@ -108,11 +112,18 @@ def main(argv=None):
                 return 1
             rates["bare"].append(float(bare.stdout.strip().splitlines()[-1]))
             rates["engine"].append(engine_run(args, os.path.join(scratch, f"run{round_number}")))
-            print(f"round {round_number + 1}: bare {rates['bare'][-1]:.1f} img/s, engine {rates['engine'][-1]:.1f} "
-                  f"img/s (load {os.getloadavg()[0]:.2f})", flush=True)
+            if args.compare_repo:
+                rates["compared"].append(engine_run(args, os.path.join(scratch, f"old{round_number}"),
+                                                    args.compare_repo))
+            print(f"round {round_number + 1}: " + ", ".join(f"{name} {values[-1]:.1f} img/s"
+                                                            for name, values in rates.items())
+                  + f" (load {os.getloadavg()[0]:.2f})", flush=True)
     bare, engine = np.median(rates["bare"]), np.median(rates["engine"])
     print(f"{args.model} {args.image_size} px batch {args.batch_size}: bare {bare:.1f} img/s, train.py {engine:.1f} "
           f"img/s (medians of {args.rounds} interleaved rounds): engine / bare = {engine / bare:.2f}")
+    if args.compare_repo:
+        compared = np.median(rates["compared"])
+        print(f"train.py of {args.compare_repo}: {compared:.1f} img/s = {compared / bare:.2f} x bare")
     return 0
 
 
