@@ -8,7 +8,7 @@ its img/s read from the metrics.jsonl written by the run (steps after the first 
 ``--compare_repo`` also runs the train.py of another checkout (e.g. the code before a change) the same way.
 
 Each measurement runs in a fresh subprocess; rounds interleave (bare, engine, bare, engine, ...) so machine
-load hits both alike. Report: img/s of each (median over rounds) and engine / bare.
+load hits both alike. Report: img/s of each (median over rounds) and the ratio to bare within each round.
 
     python benchmarks/bench_engine.py --data_dir data/fashion_mnist --model resnet_tiny --image_size 32 \
         --batch_size 16 --steps 200 --rounds 3
@@ -118,12 +118,13 @@ def main(argv=None):
             print(f"round {round_number + 1}: " + ", ".join(f"{name} {values[-1]:.1f} img/s"
                                                             for name, values in rates.items())
                   + f" (load {os.getloadavg()[0]:.2f})", flush=True)
-    bare, engine = np.median(rates["bare"]), np.median(rates["engine"])
-    print(f"{args.model} {args.image_size} px batch {args.batch_size}: bare {bare:.1f} img/s, train.py {engine:.1f} "
-          f"img/s (medians of {args.rounds} interleaved rounds): engine / bare = {engine / bare:.2f}")
-    if args.compare_repo:
-        compared = np.median(rates["compared"])
-        print(f"train.py of {args.compare_repo}: {compared:.1f} img/s = {compared / bare:.2f} x bare")
+    bare = np.array(rates["bare"])
+    for name, label in (("engine", "train.py"), ("compared", f"train.py of {args.compare_repo}")):
+        if name in rates:  # ratios within a round (same load), then their median
+            ratios = np.array(rates[name]) / bare
+            print(f"{args.model} {args.image_size} px batch {args.batch_size}: {label} {np.median(rates[name]):.1f} "
+                  f"img/s, bare {np.median(bare):.1f} img/s; {label} / bare per round "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}: median {np.median(ratios):.2f}")
     return 0
 
 
