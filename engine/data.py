@@ -15,6 +15,7 @@ Images are decoded to 3 channels (grey files are expanded); ``in_chans=1`` feeds
 Batches: images (B, C, image_size, image_size) float32; labels (B,) int32, or (B, num_classes) float32
 when mixup/cutmix is on.
 """
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,20 @@ def find_bad_images(index, num_threads=None, use_cache=True):
     return bad
 
 
+_IMAGE_CHECKERS = []
+
+
+@contextlib.contextmanager
+def image_checker(check):
+    """Within the block, ``scan_split``'s image check is ``check(index) -> [(path, reason)]`` instead of
+    ``find_bad_images`` (the trainer's under data parallel: rank 0 checks, the other ranks learn the result)."""
+    _IMAGE_CHECKERS.append(check)
+    try:
+        yield
+    finally:
+        _IMAGE_CHECKERS.pop()
+
+
 def drop_bad_images(index, bad, bad_images="fail"):
     """Apply an image check's result: 'fail' raises DataError listing the files, 'skip' returns the index
     without them (with a counted warning)."""
@@ -181,7 +196,8 @@ def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threa
         raise DataError(f"class folders without images in {root}: {', '.join(empty)}")
     index = SplitIndex(root, classes, samples, [], sorted(suffixes))
     if verify_images:
-        index = drop_bad_images(index, find_bad_images(index, num_threads), bad_images)
+        bad = _IMAGE_CHECKERS[-1](index) if _IMAGE_CHECKERS else find_bad_images(index, num_threads)
+        index = drop_bad_images(index, bad, bad_images)
     return index
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data import (DataError, check_same_classes, drop_bad_images, eval_dataset, find_bad_images, scan_split,
+from .data import (DataError, check_same_classes, eval_dataset, find_bad_images, image_checker, scan_split,
                    steps_per_epoch, train_dataset)
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
@@ -94,11 +94,12 @@ class Trainer:
         if self.group_size > 1:
             from .step import RankSync
             self.sync = RankSync(self.group_size)
-        self.train_index = self._scan(cfg.train_split)
-        self.val_index = None
-        if cfg.val_split:
-            self.val_index = self._scan(cfg.val_split)
-            check_same_classes(self.train_index, self.val_index)
+        with image_checker(self._check_images):
+            self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
+            self.val_index = None
+            if cfg.val_split:
+                self.val_index = scan_split(cfg.data_dir, cfg.val_split, cfg.verify_images, cfg.bad_images)
+                check_same_classes(self.train_index, self.val_index)
         self.class_names = self.train_index.classes
         self.num_classes = cfg.num_classes or len(self.class_names)
         if self.num_classes < len(self.class_names):
@@ -158,22 +159,19 @@ class Trainer:
             debris = ckpt.remove_temp_files(self.save_dir)
         return removed, debris
 
-    def _scan(self, split):
-        """List a split; with verify_images, the image check (cached) runs on rank 0 only: the other ranks
-        learn how many files failed, and re-check (from the cache on the same machine) only when files must
-        be skipped."""
-        cfg = self.cfg
-        index = scan_split(cfg.data_dir, split, verify_images=False)
-        if not cfg.verify_images:
-            return index
+    def _check_images(self, index):
+        """The image check (cached) on rank 0 only: the other ranks learn how many files failed through one
+        all-reduce, and check themselves (from the cache on the same machine) only when files are to be
+        skipped. Returns [(path, reason)] of the unreadable files."""
+        if self.sync is None:
+            return find_bad_images(index)
         bad = find_bad_images(index) if self.rank == 0 else None
-        if self.sync is not None:
-            count = int(round(self.sync.sum([len(bad) if bad is not None else 0])[0]))
-            if bad is None:
-                if count and cfg.bad_images == "fail":
-                    raise DataError(f"rank 0 found {count} unreadable image(s) in {index.root} (listed in its log)")
-                bad = find_bad_images(index) if count else []
-        return drop_bad_images(index, bad, cfg.bad_images)
+        count = int(round(self.sync.sum([len(bad) if bad is not None else 0])[0]))
+        if bad is not None or not count:
+            return bad or []
+        if self.cfg.bad_images == "fail":  # rank 0 lists them and stops with the same error
+            return [(index.root, f"rank 0 found {count} unreadable image(s) here (listed in its log)")]
+        return find_bad_images(index)
 
     def _build_model(self):
         import mindspore as ms

@@ -207,3 +207,41 @@ def test_batch_random_erasing_against_a_loop(size, prob):
         assert 0 < touched.sum() < 64
     else:
         assert touched.sum() == pytest.approx(64 * prob, abs=12)
+
+
+def test_image_check_runs_on_rank_0_only(tmp_path, monkeypatch):
+    """Trainer._check_images with a stand-in for the all-reduce: what ranks 0 and 1 of two do."""
+    import types
+    import engine.data as data
+    from engine.data import DataError, image_checker, scan_split
+    from engine.trainer import Trainer as TrainerClass
+    from conftest import write_generated_split
+    monkeypatch.setenv("ACMIX_CACHE_DIR", str(tmp_path / "cache"))
+    write_generated_split(str(tmp_path), "train", ["a", "b"], 3)
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    decoded = []
+    real = data._image_problem
+    monkeypatch.setattr(data, "_image_problem", lambda path: decoded.append(path) or real(path))
+
+    class AllReduceSum:  # this rank's value plus what the other rank contributes
+        def __init__(self, others):
+            self.others = others
+
+        def sum(self, values):
+            return np.array([float(values[0]) + self.others])
+
+    def rank(number, bad_images):
+        others = 1.0 if number == 1 else 0.0  # rank 0 finds the broken file, rank 1 contributes 0
+        fake = types.SimpleNamespace(sync=AllReduceSum(others), rank=number,
+                                     cfg=types.SimpleNamespace(bad_images=bad_images))
+        with image_checker(lambda index: TrainerClass._check_images(fake, index)):
+            return scan_split(str(tmp_path), "train", bad_images=bad_images)
+
+    with pytest.raises(DataError, match="rank 0 found 1 unreadable image"):
+        rank(1, "fail")
+    assert decoded == []  # rank 1 decoded nothing
+    with pytest.raises(DataError, match="broken.png"):
+        rank(0, "fail")
+    assert len(decoded) == 7
+    index = rank(1, "skip")  # to skip the same files, rank 1 needs the list: from rank 0's cache here
+    assert len(index) == 6 and len(decoded) == 7
