@@ -16,6 +16,7 @@ Exit codes: 0 done, 1 the model produced NaN or inf logits, 2 bad input.
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -98,7 +99,7 @@ def run(args):
     """Evaluate; returns the results dict."""
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
-    from engine.logger import RateProgress, setup_logging
+    from engine.logger import RateProgress
     from engine.metrics import evaluate
     from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
                                 model_from_checkpoint, setup_context)
@@ -107,7 +108,10 @@ def run(args):
         check_writable_folder(os.path.dirname(os.path.abspath(args.json_path)), "--json")
     given = given_run_options(args)
     setup_context(args.mode, args.device_target)
-    setup_logging(None, True, "engine.data")  # the image check's progress lines
+    data_log = logging.getLogger("engine.data")  # the image check's progress lines on stdout
+    data_log.setLevel(logging.INFO)
+    if not data_log.handlers:
+        data_log.addHandler(logging.StreamHandler(sys.stdout))
     if args.checkpoint:
         model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None

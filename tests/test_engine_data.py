@@ -184,7 +184,15 @@ def test_late_truncated_jpeg_is_found(tmp_path, monkeypatch):
         scan_split(str(tmp_path), "train")
 
 
-def test_image_check_runs_once_per_dataset(tmp_path, monkeypatch, caplog):
+@pytest.fixture
+def engine_logs_propagate(monkeypatch):
+    """caplog sees engine.data records even after a Trainer in this process stopped "engine" propagating."""
+    import logging
+    monkeypatch.setattr(logging.getLogger("engine"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("engine.data"), "propagate", True)
+
+
+def test_image_check_runs_once_per_dataset(tmp_path, monkeypatch, caplog, engine_logs_propagate):
     import engine.data as data
     monkeypatch.setenv("ACMIX_CACHE_DIR", str(tmp_path / "cache"))
     root = broken_folder(tmp_path)
@@ -238,7 +246,7 @@ def test_worker_count_from_the_machine(monkeypatch):
     assert worker_count(10 ** 6) == cores and worker_count(1) == 1
 
 
-def test_unreadable_image_skipped_with_count(tmp_path, caplog):
+def test_unreadable_image_skipped_with_count(tmp_path, caplog, engine_logs_propagate):
     root = broken_folder(tmp_path)
     with caplog.at_level("WARNING", logger="engine.data"):
         index = scan_split(root, "train", bad_images="skip")
