@@ -99,7 +99,7 @@ SAMPLER=$!
 step steps 180 "$PY" benchmarks/bench_models.py --device_target "$DEVICE" --modes train --no_baselines \
   --models resnet26_acmix:attention_impl=unfold resnet26_acmix:attention_impl=lean swin_tiny_acmix \
   --batch_sizes "$STEPS_BATCH" --image_sizes "$STEPS_SIZE" --warmup 2 --repeats 10 --max_seconds 10 \
-  --timeout 60 --out "$OUT/steps.md"
+  --timeout "$(( 60 * SCALE ))" --out "$OUT/steps.md"
 kill "$SAMPLER" 2>/dev/null
 
 step export 60 bash -c "$PY export.py --checkpoint '$OUT/run_O2/last.ckpt' --output '$OUT/resnet_tiny.mindir' \
