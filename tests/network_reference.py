@@ -60,9 +60,19 @@ def max_pool(x, kernel, stride, padding=0):
     return out
 
 
+def pooled_head(features, params, name):
+    """Global average pool of (B, C, H, W), then the Dense ``name`` if the model has it -> (B, classes)."""
+    pooled = ref.as64(features).mean(axis=(2, 3))
+    if name + ".weight" not in params:
+        return pooled
+    return ref.dense(pooled, params[name + ".weight"], params[name + ".bias"])
+
+
 # ------------------------------------------------------------------------------------------------ ResNet
 def resnet_forward(x, params, layers, stem="imagenet", acmix=None, calibrate=False):
-    """ResNet V1.5 bottleneck network (models/resnet.py docstring). x (B, Cin, H, W) -> (last map, logits).
+    """ResNet V1.5 bottleneck network (models/resnet.py docstring).
+
+    x (B, Cin, H, W) -> (features = last stage map, logits, the four stage maps).
 
     acmix: None (plain 3x3 conv2) or ``acmix_local`` options (num_heads, kernel_att, kernel_conv, shift_impl,
     rate_mode, rates) for every conv2. ``params`` keyed by MindSpore names (updated when calibrating).
@@ -74,6 +84,7 @@ def resnet_forward(x, params, layers, stem="imagenet", acmix=None, calibrate=Fal
         x = max_pool(x, 3, 2, 1)
     else:
         x = relu(batch_norm(ref.conv2d_direct(x, params["conv1.weight"], padding=1), params, "bn1", calibrate))
+    stages = []
     for stage, blocks in enumerate(layers):
         for block in range(blocks):
             stride = 2 if stage > 0 and block == 0 else 1
@@ -91,17 +102,21 @@ def resnet_forward(x, params, layers, stem="imagenet", acmix=None, calibrate=Fal
             else:
                 shortcut = x
             x = relu(out + shortcut)
-    return x, ref.dense(x.mean(axis=(2, 3)), params["fc.weight"], params["fc.bias"])
+        stages.append(x)
+    return x, pooled_head(x, params, "fc"), stages
 
 
 # ------------------------------------------------------------------------------------------------ SAN
 def san_forward(x, params, layers, kernels, sam, calibrate=False):
-    """SAN / SAN-ACmix (models/san.py docstring). x (B, Cin, H, W) -> (last stage map, logits).
+    """SAN / SAN-ACmix (models/san.py docstring).
+
+    x (B, Cin, H, W) -> (features = last stage map, logits, the five stage maps).
 
     sam: ``acmix_patchwise`` options (kernel_conv, shift_impl, rate_mode, rates). The SAM's own BatchNorms
     (inside conv_w) keep their running statistics; the block and stage BatchNorms are calibrated.
     """
     x = relu(batch_norm(ref.conv1x1(x, params["conv_in.weight"]), params, "bn_in", calibrate))
+    stages = []
     for stage, (blocks, kernel) in enumerate(zip(layers, kernels)):
         x = ref.conv1x1(max_pool(x, 2, 2), params[f"conv{stage}.weight"])
         channels = x.shape[1]
@@ -112,7 +127,8 @@ def san_forward(x, params, layers, kernels, sam, calibrate=False):
             out = relu(batch_norm(out, params, name + "bn2", calibrate))
             x = x + ref.conv1x1(out, params[name + "conv.weight"], params[name + "conv.bias"])
         x = relu(batch_norm(x, params, f"bn{stage}", calibrate))
-    return x, ref.dense(x.mean(axis=(2, 3)), params["fc.weight"], params["fc.bias"])
+        stages.append(x)
+    return x, pooled_head(x, params, "fc"), stages
 
 
 # ------------------------------------------------------------------------------------------------ PVT
@@ -130,7 +146,10 @@ def bilinear_half_pixel(grid, out_h, out_w):
 
 
 def pvt_forward(x, params, img_size, patch_size, num_heads, mlp_ratios, sr_ratios, depths, acmix, norm_eps=1e-6):
-    """PVT v1 / PVT-ACmix (models/pvt.py docstring). x (B, Cin, H, W) -> (normed tokens (B, 1 + h*w, C4), logits).
+    """PVT v1 / PVT-ACmix (models/pvt.py docstring).
+
+    x (B, Cin, H, W) -> (features = normed stage-4 tokens (B, 1 + h*w, C4) cls first, logits, the four NCHW
+    stage maps of the patch tokens before the final norm).
 
     Stage i: p x p / p patch conv (p = patch_size, then 2) + LayerNorm (eps 1e-5); position embedding
     (learned for ``img_size``, bilinearly resized otherwise; the cls token, prepended in stage 4, keeps its
@@ -139,6 +158,7 @@ def pvt_forward(x, params, img_size, patch_size, num_heads, mlp_ratios, sr_ratio
     """
     x = ref.as64(x)
     grid = img_size
+    stages = []
     for stage, depth in enumerate(depths):
         patch = patch_size if stage == 0 else 2
         name = f"patch_embed{stage + 1}."
@@ -166,10 +186,12 @@ def pvt_forward(x, params, img_size, patch_size, num_heads, mlp_ratios, sr_ratio
             normed = ref.layer_norm(tokens, b["norm2.gamma"], b["norm2.beta"], norm_eps)
             hidden = gelu(ref.dense(normed, b["mlp.fc1.weight"], b["mlp.fc1.bias"]))
             tokens = tokens + ref.dense(hidden, b["mlp.fc2.weight"], b["mlp.fc2.bias"])
-        if stage < len(depths) - 1:
-            x = tokens.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)
+        x = tokens[:, prefix:].reshape(batch, height, width, channels).transpose(0, 3, 1, 2)
+        stages.append(x)
     features = ref.layer_norm(tokens, params["norm.gamma"], params["norm.beta"], norm_eps)
-    return features, ref.dense(features[:, 0], params["head.weight"], params["head.bias"])
+    logits = ref.dense(features[:, 0], params["head.weight"], params["head.bias"]) if "head.weight" in params \
+        else features[:, 0]
+    return features, logits, stages
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -205,6 +227,18 @@ def sensitive_parameters_(net, seed=0):
             value = rng.standard_normal(shape) * 0.2
         param.set_data(ms.Tensor(value.astype(np.float32)))
     return parameters_of(net)
+
+
+def sensitive_network_(net, forward=None, calibration_shape=None, seed=3):
+    """``sensitive_parameters_``, then (BatchNorm networks) the running statistics of a random calibration
+    batch of ``calibration_shape`` through ``forward(x, params, calibrate=True)``, set in ``net`` too.
+    Returns the parameters (float64 dict), ready for ``forward(x, params)``."""
+    params = sensitive_parameters_(net, seed)
+    if forward is not None:
+        forward(np.random.default_rng(seed + 100).standard_normal(calibration_shape), params, calibrate=True)
+        load_values_(net, {key: value for key, value in params.items()
+                           if key.endswith(("moving_mean", "moving_variance"))})
+    return params
 
 
 def parameters_of(net):

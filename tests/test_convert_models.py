@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch", reason="needs torch: the `torch-tests` extr
 import mindspore as ms  # noqa: E402
 
 import models  # noqa: E402
+from model_helpers import Features  # noqa: E402
 from models.convert import ConversionError  # noqa: E402
 from tests.torch_official import OfficialResNetACmix, OfficialSwinACmix, sensitive_init_  # noqa: E402
 
@@ -84,14 +85,23 @@ class Converted:
         self.inputs = [rng.randn(2, 3, case["size"], case["size"]).astype(np.float32) for _ in range(2)]
         with torch.no_grad():
             self.expected = [self.official(torch.from_numpy(x)).numpy() for x in self.inputs]
+            self.expected_features = self.official.forward_features(torch.from_numpy(self.inputs[0])).numpy()
+        self.graph = Features(self.net)
+
+    def outputs(self):
+        """(logits, forward_features) of the first input."""
+        return [out.asnumpy() for out in self.graph(ms.Tensor(self.inputs[0]))]
 
     def error(self):
         """Relative error of the MindSpore logits of the first input against the official ones."""
-        return _relative_error(self.net(ms.Tensor(self.inputs[0])).asnumpy(), self.expected[0])
+        return _relative_error(self.outputs()[0], self.expected[0])
 
 
 def _check_parity(converted):
-    assert converted.error() < TOLERANCE
+    logits, features = converted.outputs()
+    assert _relative_error(logits, converted.expected[0]) < TOLERANCE
+    assert features.shape == converted.expected_features.shape
+    assert _relative_error(features, converted.expected_features) < TOLERANCE
     # every tensor of the model came from the checkpoint
     assert set(converted.names) == {name for name, _ in converted.net.parameters_and_names()}
     # the comparison sees the input: another input moves the logits by far more than the tolerance

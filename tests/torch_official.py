@@ -106,11 +106,15 @@ class OfficialResNetACmix(nn.Module):
         layers += [OfficialBottleneck(self.inplanes, planes, 1, None, k_att, head, k_conv) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> layer4 output (B, 4 * widths[-1], H/32, W/32)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return x
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,11 +274,17 @@ class OfficialSwinACmix(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> normed last-stage tokens as a map (B, C, h, w)."""
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x).mean(1))
+        b, length, c = x.shape
+        side = int(round(length ** 0.5))
+        return self.norm(x).transpose(1, 2).reshape(b, c, side, side)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((2, 3)))
 
 
 def randomize_(module, seed=0):
