@@ -177,3 +177,21 @@ def test_cli_reports_failure_and_success(tmp_path, capsys):
     _save_official_checkpoint(official, src)
     assert convert_official.main(["--model", "swin_tiny", "--src", src, "--dst", str(tmp_path / "a.ckpt")]) == 2
     assert "conversion failed" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a.ckpt")
+    # success, with the model options as YAML and a new classifier width (the head is left out)
+    overrides = "{img_size: 32, embed_dim: 16, depths: [2, 2], num_heads: [2, 4], window_size: 4}"
+    dst = str(tmp_path / "b.ckpt")
+    assert convert_official.main(["--model", "swin_tiny_acmix", "--src", src, "--dst", dst, "--model_overrides",
+                                  overrides, "--num_classes", "3", "--image_size", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {dst}: " in printed and "(left out for fine-tuning: head.*)" in printed
+    stored = {name: value for name, value in ms.load_checkpoint(dst).items() if isinstance(value, ms.Parameter)}
+    state = official.state_dict()
+    np.testing.assert_array_equal(stored["layers.0.blocks.0.attn.rate1"].asnumpy(),
+                                  state["layers.0.blocks.0.attn.rate1"].numpy())
+    np.testing.assert_array_equal(stored["patch_embed.proj.weight"].asnumpy(), state["patch_embed.proj.weight"].numpy())
+    assert stored["head.weight"].shape == (3, 32)  # a fresh head of the requested width
+    # bad option values fail early with exit code 2
+    assert convert_official.main(["--model", "swin_tiny_acmix", "--src", src, "--dst", str(tmp_path / "c.ckpt"),
+                                  "--num_classes", "0"]) == 2
+    assert "--num_classes must be >= 1" in capsys.readouterr().err
