@@ -7,7 +7,7 @@ attention, patchwise BatchNorms, the PVT cls token) is exercised by the engine:
 
 - default run: each family (ResNet-ACmix with the CPU kernel, Swin-ACmix O2 + tensor shifts, PVT-ACmix O2
   + fixed shift kernels, SAN-ACmix O2) trains 2 steps of batch 8 with train.py; the loss is finite, the run
-  files are written and every ACmix rate moved (the gradient reached both paths of every layer);
+  files are written and every ACmix rate got a gradient (both paths of every layer are trained);
   ResNet-ACmix then resumes to step 3, is evaluated with eval.py and exported to MINDIR with export.py;
 - ``slow``: O3 with a static loss scale, and the other shift implementations.
 
@@ -15,13 +15,15 @@ Images: 32 px (SAN 64 px: its fifth stage needs 2 px for the reflection padding 
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import eval as eval_script
 import export as export_script
-import train as train_script
+from conftest import ROOT
 from engine import checkpoint as ckpt
 from engine.logger import read_metrics
 
@@ -57,28 +59,42 @@ def train_argv(case, data_dir, output_dir, *extra):
             + list(options) + list(extra))
 
 
-def rates_in(path):
-    """{name: value} of the ACmix rate parameters stored in a checkpoint."""
+def rate_moments(path):
+    """{rate name: SGD momentum buffer} of the ACmix rates in a training checkpoint: non-zero where a gradient
+    reached the rate (a single step may move a rate by less than float32 resolves at 0.5)."""
     import mindspore as ms
-    return {name: float(value.asnumpy().reshape(-1)[0]) for name, value in ms.load_checkpoint(path).items()
-            if name.endswith(("rate1", "rate2")) and isinstance(value, ms.Parameter)}
+    prefix = "optimizer.moments."
+    return {name[len(prefix):]: float(value.asnumpy().reshape(-1)[0])
+            for name, value in ms.load_checkpoint(path).items()
+            if name.startswith(prefix) and name.endswith(("rate1", "rate2"))}
 
 
 def check_run(case, output_dir, steps):
-    """A finished run of ``steps`` steps: finite losses, run files, checkpoint meta, every rate moved."""
+    """A finished run of ``steps`` steps: finite losses, run files, checkpoint meta, a gradient in every rate."""
     records = [r for r in read_metrics(os.path.join(output_dir, "metrics.jsonl")) if r["type"] == "train"]
     assert [r["global_step"] for r in records][-2:] == [steps - 1, steps]
     assert all(np.isfinite(r["loss"]) for r in records)
     path = os.path.join(output_dir, "last.ckpt")
     meta = ckpt.read_meta(path)
     assert meta["model"] == case[0] and meta["global_step"] == steps
-    rates = rates_in(path)
-    assert rates and all(value != 0.5 for value in rates.values()), f"rates that did not move: {rates}"
+    moments = rate_moments(path)
+    # PVT's last block: its conv path only reaches the patch tokens, and the head reads only the cls token
+    dead = {"block4.0.attn.rate2"} if case[0].startswith("pvt") else set()
+    assert moments and {name for name, value in moments.items() if value == 0.0} == dead, moments
     return path
 
 
+def train_py(case, data_dir, output_dir, *extra):
+    """``python train.py ...`` in its own process, as a user runs it (and as CI does: in one pytest process,
+    a second training run recompiles its step graph at step 2, which would double the cost here)."""
+    result = subprocess.run([sys.executable, "train.py"] + train_argv(case, data_dir, output_dir, *extra),
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def run_case(case, data_dir, output_dir, *extra, steps=2):
-    assert train_script.main(train_argv(case, data_dir, output_dir, *extra)) == 0
+    train_py(case, data_dir, output_dir, *extra)
     return check_run(case, output_dir, steps)
 
 
@@ -103,9 +119,9 @@ def test_acmix_family_trains_through_train_py(case, image_folder, tmp_path):
 
 def test_resnet_acmix_resumes_evaluates_and_exports(resnet_run, image_folder, tmp_path, capsys):
     # resume: continues from the step-2 checkpoint to step 3
-    assert train_script.main(train_argv(RESNET, image_folder[0], resnet_run, "--resume", "auto",
-                                        "--stop_at_step", "3")) == 0
+    train_py(RESNET, image_folder[0], resnet_run, "--resume", "auto", "--stop_at_step", "3")
     path = check_run(RESNET, resnet_run, 3)
+    assert "resumed" in open(os.path.join(resnet_run, "train.log")).read().lower()
     # eval.py on a split the run did not validate on (its config has val_split null)
     json_path = str(tmp_path / "eval.json")
     assert eval_script.main(["--checkpoint", path, "--split", "val", "--json", json_path]) == 0
