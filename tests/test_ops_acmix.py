@@ -330,13 +330,26 @@ GRAD_CASES = ["local-s1-odd", "local-lean-s2-dilation2", "local-conv-k5-random",
               "local-s2-odd-fixedshift-fixedrates"]
 
 
+def finite_difference(function, values, index, step=1e-4):
+    """Central difference of the scalar ``function(values)`` in the element ``index`` of ``values`` (float64)."""
+    plus, minus = values.copy(), values.copy()
+    plus[index] += step
+    minus[index] -= step
+    return (function(plus) - function(minus)) / (2 * step)
+
+
 @pytest.mark.parametrize("case_name", GRAD_CASES)
-def test_gradients_reach_every_trainable_parameter(case_name):
+def test_gradients_match_finite_differences_of_the_reference(case_name):
+    """d(sum(out * probe)) with respect to the input and every trainable parameter, at the largest-gradient
+    element of each tensor (plus a random input element), equals the central finite difference of the float64
+    NumPy reference, which is non-zero there (every parameter is reached) except for conv_p.bias."""
     cell = build_cell(case_name)
     randomise_parameters(cell, case_name)
-    weights = cell.trainable_params()
-    x = ms.Tensor(make_input(case_name))
-    probe = ms.Tensor(rng_for("probe" + case_name).standard_normal(expected_shape(case_name)).astype(np.float32))
+    named = [(name, param) for name, param in cell.parameters_and_names() if param.requires_grad]
+    weights = [param for _, param in named]
+    x_np = make_input(case_name)
+    probe_np = rng_for("probe" + case_name).standard_normal(expected_shape(case_name))
+    probe = ms.Tensor(probe_np.astype(np.float32))
     family, _, (height, width) = CASES[case_name]
 
     def loss_fn(inputs):
@@ -344,13 +357,32 @@ def test_gradients_reach_every_trainable_parameter(case_name):
             return (cell(inputs, height, width) * probe).sum()
         return (cell(inputs) * probe).sum()
 
-    grads = ms.grad(loss_fn, grad_position=None, weights=weights)(x)
+    grad_x, grads = ms.grad(loss_fn, grad_position=0, weights=weights)(ms.Tensor(x_np))
     assert len(grads) == len(weights)
-    for param, grad in zip(weights, grads):
+    params = parameters_of(cell)
+    x64 = x_np.astype(np.float64)
+
+    def reference_loss(values, name=None):
+        if name is None:
+            return float((reference_output(case_name, params, values) * probe_np).sum())
+        return float((reference_output(case_name, dict(params, **{name: values}), x64) * probe_np).sum())
+
+    checks = [("input", grad_x.asnumpy(), x64, lambda v: reference_loss(v))]
+    for (name, param), grad in zip(named, grads):
         grad = grad.asnumpy()
-        assert grad.shape == tuple(param.shape), param.name
-        assert np.isfinite(grad).all(), param.name
-        assert np.abs(grad).max() > 0, f"no gradient reaches {param.name}"
+        assert grad.shape == tuple(param.shape), name
+        assert np.isfinite(grad).all(), name
+        checks.append((name, grad, params[name].astype(np.float64), lambda v, n=name: reference_loss(v, n)))
+    scale = max(np.abs(grad).max() for _, grad, _, _ in checks)
+    for name, grad, values, function in checks:
+        indices = [np.unravel_index(np.abs(grad).argmax(), grad.shape)]
+        if name == "input":
+            indices.append(tuple(rng_for("index" + case_name).integers(0, n) for n in grad.shape))
+        for index in indices:
+            expected = finite_difference(function, values, index)
+            assert grad[index] == pytest.approx(expected, rel=2e-3, abs=1e-5 * scale), (name, index)
+            # conv_p.bias adds one constant to every neighbour's logit, which softmax cancels: zero gradient
+            assert (abs(expected) > 1e-4 * scale) != name.endswith("conv_p.bias"), (name, expected)
     frozen = [p.name for p in cell.get_parameters() if p.name.endswith("dep_conv.weight") and not p.requires_grad]
     assert bool(frozen) == (CASES[case_name][1].get("shift_impl") == "fixed")
     assert not set(frozen) & {p.name for p in weights}
