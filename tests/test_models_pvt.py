@@ -227,8 +227,13 @@ def test_too_small_input_raises_with_the_minimum_size(narrow_acmix):
 
 
 @pytest.mark.slow
-def test_full_size_pvt_tiny_acmix_forward_224():
+def test_full_size_pvt_tiny_acmix_forward_224_matches_the_numpy_reference():
     net = models.create_model("pvt_tiny_acmix")
+    params = net_ref.sensitive_parameters_(net, seed=6)
     net.set_train(False)
-    logits = net(random_images(1, 3, 224)).asnumpy()
-    assert logits.shape == (1, 1000) and np.all(np.isfinite(logits))
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224))
+    logits = net(ms.Tensor(x.astype(np.float32))).asnumpy()
+    _, expected, _ = net_ref.pvt_forward(x, params, 224, 4, (1, 2, 5, 8), (8, 8, 4, 4), (8, 4, 2, 1), (2, 2, 2, 2),
+                                         dict(kernel_conv=3, shift_impl="learnable", rate_mode="learnable"))
+    assert logits.shape == (1, 1000)
+    assert net_ref.relative_error(logits, expected) < 1e-4
