@@ -56,11 +56,59 @@ class ACmixBase(nn.Cell):
             groups: (B, G, d, H*W) — the projected features split into G groups of width d.
         Returns:
             (B, out_channels, ceil(H/s), ceil(W/s)).
+
+        With a group-convolution shift (every ``shift_impl`` but ``'tensor'``) the fc and the shift conv are
+        applied as ONE group convolution whose weight ``fused_conv_weight`` is composed from both every call:
+        the same linear map (see ``fused_conv_weight``), one convolution instead of a 1x1 conv on a
+        (d, H*W) "image", a transpose and the shift conv. ``'tensor'`` keeps the explicit two steps.
         """
-        batch, _, head_dim, _ = groups.shape
-        maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
-        maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
-        return self.dep_conv(maps)
+        batch, num_groups, head_dim, _ = groups.shape
+        if self.shift_impl == "tensor":
+            maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
+            maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
+            return self.dep_conv(maps)
+        # channel j * G + g holds group g of channel j: group j of the convolution sees its G inputs together
+        stacked = groups.transpose(0, 2, 1, 3).reshape(batch, head_dim * num_groups, height, width)
+        return self.fused_conv(stacked, height, width)
+
+    def fused_conv_weight(self, dtype, scale=None):
+        """The fc followed by the shift conv as one group-conv weight (out_channels, G, k, k), groups = d.
+
+        fc: maps[p, j] = sum_g fc[p, g] * group g of channel j (+ bias[p]); shift conv (groups = d): output
+        o = j * (out_channels / d) + m sums dep[o, p, u, v] * maps[p, j] over p and the k x k window. So
+        output o sums K[o, g, u, v] * (group g of channel j) with K[o, g, u, v] = sum_p dep[o, p, u, v] * fc[p, g].
+        ``scale`` (a (1,) tensor of ``dtype`` or a Python float, e.g. rate2) multiplies the weight (and the bias term).
+        """
+        k2, num_groups = self.fc.weight.shape[0], self.fc.weight.shape[1]
+        kernel = self.kernel_conv
+        fc = ops.cast(self.fc.weight, dtype).reshape(k2, num_groups)
+        dep = ops.cast(self.dep_conv.weight, dtype).reshape(-1, k2, kernel * kernel)  # (C, k*k, k*k)
+        if scale is not None:
+            fc = fc * scale
+        return ops.matmul(fc.transpose(1, 0), dep).reshape(-1, num_groups, kernel, kernel)  # (C, G, k, k)
+
+    def fused_conv(self, stacked, height, width, scale=None):
+        """The conv path on channel-major groups: stacked (B, d*G, H, W), channel j*G + g -> (B, C, H', W').
+
+        ``scale``: optional (1,) factor (rate2) folded into the weight instead of multiplying the output.
+        """
+        dtype = stacked.dtype
+        weight = self.fused_conv_weight(dtype, scale)
+        pad, stride = self.kernel_conv // 2, self.dep_conv.stride
+        out = ops.conv2d(stacked, weight, None, stride, "pad", pad, 1, self.dep_conv.head_dim)
+        if self.fc.bias is None:
+            return out
+        # the fc bias is a constant map per kernel position; the shift conv's zero padding makes its
+        # contribution position dependent at the borders: the shift conv of the constant maps
+        k2, kernel = self.fc.weight.shape[0], self.kernel_conv
+        bias = ops.cast(self.fc.bias, dtype).reshape(1, k2)
+        if scale is not None:
+            bias = bias * scale
+        dep = ops.cast(self.dep_conv.weight, dtype).reshape(-1, k2, kernel * kernel)
+        bias_weight = ops.matmul(bias, dep).reshape(-1, 1, kernel, kernel)  # (C, 1, k, k)
+        ones = ops.ones((1, 1, height, width), dtype)
+        bias_map = ops.conv2d(ones, bias_weight, None, stride, "pad", pad)  # (1, C, H', W')
+        return out + ops.broadcast_to(bias_map, out.shape)
 
     def combine(self, projected, batch, height, width):
         """Run the paths the rate mode asks for on the Stage-I output and mix them.
