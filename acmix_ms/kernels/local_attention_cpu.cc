@@ -29,6 +29,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "parallel.h"
 
 namespace {
@@ -230,56 +234,242 @@ bool read_qkv_geometry(int64_t **shapes, int *ndims, const char **dtypes, const 
   return true;
 }
 
-// Per-head scratch: strided scaled query (d, Ho, Wo), padded keys - pe and padded values (d, Hp, Wp).
+// Per-head work of the qkv kernels, arranged so that every inner loop is one long contiguous run even on
+// 4 x 4 maps and with stride 2 (the padded-interface kernels above loop over output rows of W' pixels):
+// - the padded keys/values of a channel are stored as stride x stride phase planes, phase (a, b) holding
+//   padded[a + s*r][b + s*t] (ph_h x ph_w each), so neighbour (u, v) of output pixel (i, j) is element
+//   base[p] + i * ph_w + j of the channel's phase storage (base[p]: phase ((u*dil) % s, (v*dil) % s), row
+//   (u*dil) / s, column (v*dil) / s);
+// - per-pixel planes (query, logits/weights, output, gradients) are "extended": H' rows of ph_w >= W'
+//   columns, the columns j >= W' zero (query, d out) or ignored, so "for every output pixel" is the single
+//   run e < span = (H' - 1) * ph_w + W' and neighbour p of pixel e is base[p] + e.
+struct PhaseLayout {
+  int64_t stride, ph_h, ph_w, span;
+  int64_t phase_plane() const { return ph_h * ph_w; }
+  int64_t channel_size() const { return stride * stride * phase_plane(); }  // padded storage per channel
+  std::vector<int64_t> base;  // per offset p
+  PhaseLayout(const Geometry &g) : stride(g.stride) {
+    ph_h = (g.pad_h + stride - 1) / stride;
+    ph_w = (g.pad_w + stride - 1) / stride;
+    span = (g.out_h - 1) * ph_w + g.out_w;
+    base.resize(g.offsets());
+    for (int64_t p = 0; p < g.offsets(); ++p) {
+      const int64_t row = (p / g.kernel) * g.dilation, col = (p % g.kernel) * g.dilation;
+      base[p] = ((row % stride) * stride + col % stride) * phase_plane() + (row / stride) * ph_w + col / stride;
+    }
+  }
+  int64_t ext_plane(const Geometry &g) const { return g.out_h * ph_w; }
+};
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so the loops vectorise: Cephes expf
+// (range reduction by ln 2 in two parts, degree-6 polynomial), relative error about 1e-7 (float round-off).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(std::fma(x, 1.44269504088896341f, 0.5f));
+  x = std::fma(n, 2.12194440e-4f, std::fma(-n, 0.693359375f, x));
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = std::fma(y, x, 1.3981999507e-3f);
+  y = std::fma(y, x, 8.3334519073e-3f);
+  y = std::fma(y, x, 4.1665795894e-2f);
+  y = std::fma(y, x, 1.6666665459e-1f);
+  y = std::fma(y, x, 5.0000001201e-1f);
+  y = std::fma(y, z, x) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  return y * __builtin_bit_cast(float, bits);
+}
+
+// Thread-local scratch of one head: extended query, phase-plane keys - pe and values, index tables.
 struct HeadScratch {
+  PhaseLayout layout;
   std::vector<float> query, key_pad, value_pad;
   std::vector<int64_t> rows, cols;  // reflected source row / column of every padded row / column
-  explicit HeadScratch(const QKVGeometry &q)
-      : query(q.g.dim * q.g.out_plane()), key_pad(q.g.dim * q.g.pad_plane()), value_pad(q.g.dim * q.g.pad_plane()),
-        rows(q.g.pad_h), cols(q.g.pad_w) {
-    for (int64_t t = 0; t < q.g.pad_h; ++t) rows[t] = reflect_index(t - q.pad, q.height);
-    for (int64_t t = 0; t < q.g.pad_w; ++t) cols[t] = reflect_index(t - q.pad, q.width);
+  std::vector<int64_t> row_at, col_at;  // where padded row r / column t starts / sits in the phase storage
+  HeadScratch(const QKVGeometry &q)
+      : layout(q.g), query(q.g.dim * layout.ext_plane(q.g)), key_pad(q.g.dim * layout.channel_size(), 0.0f),
+        value_pad(q.g.dim * layout.channel_size(), 0.0f), rows(q.g.pad_h), cols(q.g.pad_w), row_at(q.g.pad_h),
+        col_at(q.g.pad_w) {
+    const int64_t s = layout.stride;
+    for (int64_t t = 0; t < q.g.pad_h; ++t) {
+      rows[t] = reflect_index(t - q.pad, q.height) * q.width;
+      row_at[t] = (t % s) * s * layout.phase_plane() + (t / s) * layout.ph_w;
+    }
+    for (int64_t t = 0; t < q.g.pad_w; ++t) {
+      cols[t] = reflect_index(t - q.pad, q.width);
+      col_at[t] = (t % s) * layout.phase_plane() + t / s;
+    }
   }
 };
 
-// dst (Hp, Wp) = reflection padding of src (H, W) (minus sub (H, W) if given).
+// dst (phase storage of one channel) = reflection padding of src (H, W) (minus sub (H, W) if given).
 void pad_plane(const QKVGeometry &q, const HeadScratch &s, const float *src, const float *sub, float *dst) {
+  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data();
   for (int64_t r = 0; r < q.g.pad_h; ++r) {
-    const float *src_row = src + s.rows[r] * q.width;
-    float *dst_row = dst + r * q.g.pad_w;
+    const float *src_row = src + s.rows[r];
+    float *dst_row = dst + s.row_at[r];
     if (sub == nullptr) {
-      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[t] = src_row[s.cols[t]];
+      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[col_at[t]] = src_row[cols[t]];
     } else {
-      const float *sub_row = sub + s.rows[r] * q.width;
-      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[t] = src_row[s.cols[t]] - sub_row[s.cols[t]];
+      const float *sub_row = sub + s.rows[r];
+      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[col_at[t]] = src_row[cols[t]] - sub_row[cols[t]];
     }
   }
 }
 
-// dst (H, W) += the reflection padding's adjoint of src (Hp, Wp).
+// dst (H, W) += the reflection padding's adjoint of src (phase storage of one channel).
 void fold_plane(const QKVGeometry &q, const HeadScratch &s, const float *src, float *dst) {
+  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data();
   for (int64_t r = 0; r < q.g.pad_h; ++r) {
-    const float *src_row = src + r * q.g.pad_w;
-    float *dst_row = dst + s.rows[r] * q.width;
-    for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[s.cols[t]] += src_row[t];
+    float *dst_row = dst + s.rows[r];
+    const float *src_row = src + s.row_at[r];
+    for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[cols[t]] += src_row[col_at[t]];
   }
+}
+
+// extended (H' x ph_w, zero beyond W') <-> compact (H' x W') planes
+void expand(const Geometry &g, const PhaseLayout &l, const float *compact, float *extended) {
+  for (int64_t i = 0; i < g.out_h; ++i) {
+    std::copy(compact + i * g.out_w, compact + (i + 1) * g.out_w, extended + i * l.ph_w);
+    std::fill(extended + i * l.ph_w + g.out_w, extended + (i + 1) * l.ph_w, 0.0f);
+  }
+}
+
+void compact(const Geometry &g, const PhaseLayout &l, const float *extended, float *out) {
+  for (int64_t i = 0; i < g.out_h; ++i) std::copy(extended + i * l.ph_w, extended + i * l.ph_w + g.out_w, out + i * g.out_w);
 }
 
 // Fills the scratch of head b (image b / N, head b % N).
 void load_head(const QKVGeometry &q, const float *qkv, const float *pe, int64_t b, float scale, HeadScratch *s) {
   const Geometry &g = q.g;
+  const PhaseLayout &l = s->layout;
   const int64_t image = b / q.num_heads, head = b % q.num_heads;
   for (int64_t j = 0; j < g.dim; ++j) {
     const float *query = qkv + q.qkv_plane(image, head, j);
-    float *dst = s->query.data() + j * g.out_plane();
+    float *dst = s->query.data() + j * l.ext_plane(g);
     for (int64_t i = 0; i < g.out_h; ++i) {
       const float *row = query + i * g.stride * q.width;
-      for (int64_t x = 0; x < g.out_w; ++x) dst[i * g.out_w + x] = row[x * g.stride] * scale;
+      float *dst_row = dst + i * l.ph_w;
+      for (int64_t x = 0; x < g.out_w; ++x) dst_row[x] = row[x * g.stride] * scale;
+      std::fill(dst_row + g.out_w, dst_row + l.ph_w, 0.0f);
     }
     pad_plane(q, *s, qkv + q.qkv_plane(image, q.num_heads + head, j), pe + j * q.plane(),
-              s->key_pad.data() + j * g.pad_plane());
+              s->key_pad.data() + j * l.channel_size());
     pad_plane(q, *s, qkv + q.qkv_plane(image, 2 * q.num_heads + head, j), nullptr,
-              s->value_pad.data() + j * g.pad_plane());
+              s->value_pad.data() + j * l.channel_size());
+  }
+}
+
+// acc[p][e] (+)= sum_c a[c][e] * padded[c][base[p] + e]   (extended planes; acc overwritten)
+void correlate_ext(const Geometry &g, const PhaseLayout &l, const float *a, const float *padded, float *acc) {
+  const int64_t ext = l.ext_plane(g), n = l.span;
+  for (int64_t p = 0; p < g.offsets(); ++p) {
+    float *__restrict acc_p = acc + p * ext;
+    std::fill(acc_p, acc_p + ext, 0.0f);
+    for (int64_t c = 0; c < g.dim; ++c) {
+      const float *__restrict a_c = a + c * ext;
+      const float *__restrict src = padded + c * l.channel_size() + l.base[p];
+      for (int64_t e = 0; e < n; ++e) acc_p[e] += a_c[e] * src[e];
+    }
+  }
+}
+
+// out[c][e] = sum_p weights[p][e] * padded[c][base[p] + e]   (extended planes, overwritten)
+void gather_ext(const Geometry &g, const PhaseLayout &l, const float *weights, const float *padded, float *out) {
+  const int64_t ext = l.ext_plane(g), n = l.span;
+  for (int64_t c = 0; c < g.dim; ++c) {
+    float *__restrict out_c = out + c * ext;
+    std::fill(out_c, out_c + ext, 0.0f);
+    const float *pad_c = padded + c * l.channel_size();
+    for (int64_t p = 0; p < g.offsets(); ++p) {
+      const float *__restrict w_p = weights + p * ext;
+      const float *__restrict src = pad_c + l.base[p];
+      for (int64_t e = 0; e < n; ++e) out_c[e] += w_p[e] * src[e];
+    }
+  }
+}
+
+// grad[c][base[p] + e] += weights[p][e] * a[c][e]   (adjoint of gather_ext w.r.t. padded; grad overwritten)
+void scatter_ext(const Geometry &g, const PhaseLayout &l, const float *weights, const float *a, float *grad) {
+  const int64_t ext = l.ext_plane(g), n = l.span;
+  std::fill(grad, grad + g.dim * l.channel_size(), 0.0f);
+  for (int64_t c = 0; c < g.dim; ++c) {
+    const float *__restrict a_c = a + c * ext;
+    float *grad_c = grad + c * l.channel_size();
+    for (int64_t p = 0; p < g.offsets(); ++p) {
+      const float *__restrict w_p = weights + p * ext;
+      float *__restrict dst = grad_c + l.base[p];
+      for (int64_t e = 0; e < n; ++e) dst[e] += w_p[e] * a_c[e];
+    }
+  }
+}
+
+#ifdef __AVX2__
+// exp_nonpositive on 8 lanes (the same operations, so the same results as the scalar version).
+inline __m256 exp_nonpositive8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// plane[x] = exp(plane[x] - max[x]); sum[x] += plane[x]
+void exp_accumulate(float *__restrict plane, const float *__restrict max, float *__restrict sum, int64_t n) {
+  int64_t x = 0;
+#ifdef __AVX2__
+  for (; x + 8 <= n; x += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(plane + x), _mm256_loadu_ps(max + x)));
+    _mm256_storeu_ps(plane + x, e);
+    _mm256_storeu_ps(sum + x, _mm256_add_ps(_mm256_loadu_ps(sum + x), e));
+  }
+#endif
+  for (; x < n; ++x) {
+    const float e = exp_nonpositive(plane[x] - max[x]);
+    plane[x] = e;
+    sum[x] += e;
+  }
+}
+
+// In place over the k*k extended planes: logits -> softmax over p at every pixel.
+void softmax_ext(const Geometry &g, const PhaseLayout &l, float *planes, float *scratch_max, float *scratch_sum) {
+  const int64_t ext = l.ext_plane(g), n = l.span;
+  std::copy(planes, planes + n, scratch_max);
+  for (int64_t p = 1; p < g.offsets(); ++p) {
+    const float *__restrict plane = planes + p * ext;
+    for (int64_t x = 0; x < n; ++x) scratch_max[x] = std::max(scratch_max[x], plane[x]);
+  }
+  std::fill(scratch_sum, scratch_sum + n, 0.0f);
+  for (int64_t p = 0; p < g.offsets(); ++p) exp_accumulate(planes + p * ext, scratch_max, scratch_sum, n);
+  for (int64_t x = 0; x < n; ++x) scratch_sum[x] = 1.0f / scratch_sum[x];
+  for (int64_t p = 0; p < g.offsets(); ++p) {
+    float *__restrict plane = planes + p * ext;
+    for (int64_t x = 0; x < n; ++x) plane[x] *= scratch_sum[x];
+  }
+}
+
+// In place: d weights -> d logits over extended planes (columns beyond W' have zero weights, stay zero).
+void softmax_backward_ext(const Geometry &g, const PhaseLayout &l, const float *weights, float *grad, float *total) {
+  const int64_t ext = l.ext_plane(g), n = l.span;
+  std::fill(total, total + n, 0.0f);
+  for (int64_t p = 0; p < g.offsets(); ++p) {
+    const float *__restrict w_p = weights + p * ext;
+    const float *__restrict g_p = grad + p * ext;
+    for (int64_t x = 0; x < n; ++x) total[x] += w_p[x] * g_p[x];
+  }
+  for (int64_t p = 0; p < g.offsets(); ++p) {
+    const float *__restrict w_p = weights + p * ext;
+    float *__restrict g_p = grad + p * ext;
+    for (int64_t x = 0; x < n; ++x) g_p[x] = w_p[x] * (g_p[x] - total[x]);
   }
 }
 
@@ -370,14 +560,17 @@ int LocalAttentionQKVForward(int nparam, void **params, int *ndims, int64_t **sh
   const float scale = query_scale(g);
   acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int) {
     HeadScratch s(q);
-    std::vector<float> scratch(2 * g.out_plane());
+    const PhaseLayout &l = s.layout;
+    const int64_t ext = l.ext_plane(g), n = g.out_plane();
+    std::vector<float> logits(g.offsets() * ext), out_ext(g.dim * ext), scratch(2 * ext);
     for (int64_t b = first; b < last; ++b) {
       load_head(q, qkv, pe, b, scale, &s);
-      float *weights_b = weights + b * g.offsets() * g.out_plane();
-      std::fill(weights_b, weights_b + g.offsets() * g.out_plane(), 0.0f);
-      correlate(g, s.query.data(), s.key_pad.data(), weights_b);
-      softmax_over_offsets(g, weights_b, scratch.data(), scratch.data() + g.out_plane());
-      gather(g, weights_b, s.value_pad.data(), out + b * g.dim * g.out_plane());
+      correlate_ext(g, l, s.query.data(), s.key_pad.data(), logits.data());
+      softmax_ext(g, l, logits.data(), scratch.data(), scratch.data() + ext);
+      gather_ext(g, l, logits.data(), s.value_pad.data(), out_ext.data());
+      float *out_b = out + b * g.dim * n, *weights_b = weights + b * g.offsets() * n;
+      for (int64_t c = 0; c < g.dim; ++c) compact(g, l, out_ext.data() + c * ext, out_b + c * n);
+      for (int64_t p = 0; p < g.offsets(); ++p) compact(g, l, logits.data() + p * ext, weights_b + p * n);
     }
   });
   return 0;
@@ -405,42 +598,44 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
   std::vector<float> grad_pe_parts(static_cast<size_t>(workers) * g.dim * plane, 0.0f);
   acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int worker) {
     HeadScratch s(q);
-    std::vector<float> grad_logits(g.offsets() * n), total(n), grad_query(g.dim * n);
-    std::vector<float> grad_pad(g.dim * g.pad_plane());
+    const PhaseLayout &l = s.layout;
+    const int64_t ext = l.ext_plane(g);
+    std::vector<float> weights_ext(g.offsets() * ext), grad_logits(g.offsets() * ext), total(ext);
+    std::vector<float> grad_out_ext(g.dim * ext), grad_query(g.dim * ext), grad_pad(g.dim * l.channel_size());
     float *grad_pe_part = grad_pe_parts.data() + static_cast<size_t>(worker) * g.dim * plane;
     for (int64_t b = first; b < last; ++b) {
       const int64_t image = b / q.num_heads, head = b % q.num_heads;
       load_head(q, qkv, pe, b, scale, &s);
-      const float *weights_b = weights + b * g.offsets() * n;
-      const float *grad_out_b = grad_out + b * g.dim * n;
-      std::fill(grad_logits.begin(), grad_logits.end(), 0.0f);
-      correlate(g, grad_out_b, s.value_pad.data(), grad_logits.data());
-      softmax_backward(g, weights_b, grad_logits.data(), total.data());
-      // query: d scaled-strided query, scattered back to the strided pixels (others get 0)
-      gather(g, grad_logits.data(), s.key_pad.data(), grad_query.data());
+      for (int64_t p = 0; p < g.offsets(); ++p) expand(g, l, weights + (b * g.offsets() + p) * n, weights_ext.data() + p * ext);
+      for (int64_t c = 0; c < g.dim; ++c) expand(g, l, grad_out + (b * g.dim + c) * n, grad_out_ext.data() + c * ext);
+      // d loss / d weights[p] = d out . value neighbour p; then through the softmax
+      correlate_ext(g, l, grad_out_ext.data(), s.value_pad.data(), grad_logits.data());
+      softmax_backward_ext(g, l, weights_ext.data(), grad_logits.data(), total.data());
+      // query: d scaled strided query, back to the strided pixels (the others get 0)
+      gather_ext(g, l, grad_logits.data(), s.key_pad.data(), grad_query.data());
       for (int64_t j = 0; j < g.dim; ++j) {
         float *dst = grad_qkv + q.qkv_plane(image, head, j);
         std::fill(dst, dst + plane, 0.0f);
-        const float *src = grad_query.data() + j * n;
+        const float *src = grad_query.data() + j * ext;
         for (int64_t i = 0; i < g.out_h; ++i) {
-          for (int64_t x = 0; x < g.out_w; ++x) dst[i * g.stride * q.width + x * g.stride] = src[i * g.out_w + x] * scale;
+          for (int64_t x = 0; x < g.out_w; ++x) dst[i * g.stride * q.width + x * g.stride] = src[i * l.ph_w + x] * scale;
         }
       }
       // keys (and -pe): fold the padded gradient back
-      scatter(g, grad_logits.data(), s.query.data(), grad_pad.data());
+      scatter_ext(g, l, grad_logits.data(), s.query.data(), grad_pad.data());
       for (int64_t j = 0; j < g.dim; ++j) {
         float *dst = grad_qkv + q.qkv_plane(image, q.num_heads + head, j);
         std::fill(dst, dst + plane, 0.0f);
-        fold_plane(q, s, grad_pad.data() + j * g.pad_plane(), dst);
+        fold_plane(q, s, grad_pad.data() + j * l.channel_size(), dst);
         float *pe_j = grad_pe_part + j * plane;
         for (int64_t x = 0; x < plane; ++x) pe_j[x] -= dst[x];
       }
       // values
-      scatter(g, weights_b, grad_out_b, grad_pad.data());
+      scatter_ext(g, l, weights_ext.data(), grad_out_ext.data(), grad_pad.data());
       for (int64_t j = 0; j < g.dim; ++j) {
         float *dst = grad_qkv + q.qkv_plane(image, 2 * q.num_heads + head, j);
         std::fill(dst, dst + plane, 0.0f);
-        fold_plane(q, s, grad_pad.data() + j * g.pad_plane(), dst);
+        fold_plane(q, s, grad_pad.data() + j * l.channel_size(), dst);
       }
     }
   });
