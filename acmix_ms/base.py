@@ -13,6 +13,32 @@ from .validation import check_choice, check_odd, check_rates
 RATE_MODES = ("learnable", "fixed", "attention", "conv")
 
 
+class GroupConv(nn.Cell):
+    """(x (B, d*G, H, W), weight (C, G, k, k)) -> zero-padded 'same' group convolution (groups = d), stride s.
+
+    The portable implementation (every backend, MindSpore's own gradients); ``group_conv`` picks the CPU one.
+    """
+
+    def __init__(self, kernel_size, stride, groups):
+        super().__init__()
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+
+    def construct(self, x, weight):
+        return ops.conv2d(x, weight, None, self.stride, "pad", self.kernel_size // 2, 1, self.groups)
+
+
+def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_target=None):
+    """The conv path's group convolution: ``acmix_ms.kernels.conv_path_cpu.CpuGroupConv`` (same forward, faster
+    backward) on CPU where the C++ kernel builds, else ``GroupConv`` (GPU, Ascend, no compiler)."""
+    if (device_target or ms.get_context("device_target")) == "CPU":
+        try:
+            from .kernels.conv_path_cpu import CpuGroupConv  # compiles the C++ at first use
+            return CpuGroupConv(in_channels, out_channels, kernel_size, stride, groups)
+        except (RuntimeError, OSError):  # KernelBuildError (no compiler) is a RuntimeError
+            pass
+    return GroupConv(kernel_size, stride, groups)
+
+
 class ACmixBase(nn.Cell):
     """Holds ``fc``, ``dep_conv`` and the rates; subclasses call ``conv_path`` and ``mix``.
 
@@ -43,6 +69,8 @@ class ACmixBase(nn.Cell):
             k2 = kernel_conv * kernel_conv
             self.fc = nn.Conv2d(num_groups, k2, 1, has_bias=fc_bias)
             self.dep_conv = ShiftConv(head_dim, kernel_conv, out_channels, shift_impl, stride)
+            if shift_impl != "tensor":  # the fc and the shift conv run as one group conv (fused_conv)
+                self.group_conv = group_conv(head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
         if rate_mode == "learnable":
             self.rate1 = Parameter(Tensor([rate1], ms.float32), name="rate1")
             self.rate2 = Parameter(Tensor([rate2], ms.float32), name="rate2")
@@ -95,7 +123,7 @@ class ACmixBase(nn.Cell):
         dtype = stacked.dtype
         weight = self.fused_conv_weight(dtype, scale)
         pad, stride = self.kernel_conv // 2, self.dep_conv.stride
-        out = ops.conv2d(stacked, weight, None, stride, "pad", pad, 1, self.dep_conv.head_dim)
+        out = self.group_conv(stacked, weight)
         if self.fc.bias is None:
             return out
         # the fc bias is a constant map per kernel position; the shift conv's zero padding makes its

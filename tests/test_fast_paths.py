@@ -14,7 +14,8 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import models
-from acmix_ms import ACmixLocal, ACmixPatchwise, attention_backends
+from acmix_ms import ACmixBase, ACmixLocal, attention_backends
+from acmix_ms.base import GroupConv
 
 
 def _randomise(cells, seed):
@@ -80,9 +81,7 @@ class _ConvPathObjective(nn.Cell):
 @pytest.mark.parametrize("fc_bias,stride,shift_impl", [(False, 1, "learnable"), (True, 2, "learnable"),
                                                        (True, 1, "random"), (False, 2, "fixed")])
 def test_fused_conv_path_equals_fc_then_shift_conv(fc_bias, stride, shift_impl):
-    layer = ACmixPatchwise(16, 4, 16, share_planes=4, kernel_att=3, fc_bias=fc_bias, shift_impl=shift_impl,
-                           rate_mode="conv")
-    layer.dep_conv.stride = stride
+    layer = ACmixBase(6, 4, 16, 3, stride, shift_impl, rate_mode="conv", fc_bias=fc_bias)
     _randomise([layer], seed=stride)
     height, width = 7, 6
     rng = np.random.default_rng(3)
@@ -96,6 +95,34 @@ def test_fused_conv_path_equals_fc_then_shift_conv(fc_bias, stride, shift_impl):
         loss, (grad_x, grads) = ms.value_and_grad(objective, 0, params)(groups)
         results.append({"loss": loss.asnumpy(), "x": grad_x.asnumpy(),
                         **{f"param {i}": g.asnumpy() for i, g in enumerate(grads)}})
+    _assert_same(*results)
+
+
+class _GroupConvObjective(nn.Cell):
+    def __init__(self, conv, probe):
+        super().__init__()
+        self.conv, self.probe = conv, probe
+
+    def construct(self, x, weight):
+        return (self.conv(x, weight) * self.probe).sum()
+
+
+@pytest.mark.parametrize("groups,per_group,out_per_group,kernel,stride,size", [
+    (4, 12, 4, 3, 1, (9, 9)), (2, 6, 8, 3, 2, (7, 10)), (3, 5, 2, 5, 2, (8, 8)), (2, 3, 2, 3, 3, (6, 5))])
+def test_cpu_group_conv_backward_equals_autodiff(groups, per_group, out_per_group, kernel, stride, size):
+    if ms.get_context("device_target") != "CPU":
+        pytest.skip("CPU kernel")
+    from acmix_ms.kernels.conv_path_cpu import CpuGroupConv
+    rng = np.random.default_rng(groups * kernel + stride)
+    x = Tensor(rng.standard_normal((2, groups * per_group) + size).astype(np.float32))
+    weight = Tensor(rng.standard_normal((groups * out_per_group, per_group, kernel, kernel)).astype(np.float32))
+    out_size = tuple(-(-s // stride) for s in size)
+    probe = Tensor(rng.standard_normal((2, groups * out_per_group) + out_size).astype(np.float32))
+    results = []
+    for conv in (CpuGroupConv(groups * per_group, groups * out_per_group, kernel, stride, groups),
+                 GroupConv(kernel, stride, groups)):
+        loss, grads = ms.value_and_grad(_GroupConvObjective(conv, probe), (0, 1))(x, weight)
+        results.append({"loss": loss.asnumpy(), "x": grads[0].asnumpy(), "weight": grads[1].asnumpy()})
     _assert_same(*results)
 
 

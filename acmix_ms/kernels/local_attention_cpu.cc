@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #ifdef __AVX2__
@@ -473,6 +474,25 @@ void softmax_backward_ext(const Geometry &g, const PhaseLayout &l, const float *
   }
 }
 
+// sum_e a[e] * b[e] (8/16-lane partial sums where AVX2 is available)
+inline float dot(const float *a, const float *b, int64_t n) {
+  int64_t e = 0;
+  float sum = 0.0f;
+#ifdef __AVX2__
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; e + 16 <= n; e += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), _mm256_loadu_ps(b + e + 8), acc1);
+  }
+  for (; e + 8 <= n; e += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
 float query_scale(const Geometry &g) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dim))); }
 
 }  // namespace
@@ -648,3 +668,85 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
 }
 
 }  // extern "C"
+
+// ---- the conv path's group convolution: filter gradient --------------------------------------------------
+// MindSpore's CPU Conv2DBackpropFilter for a group convolution (ACmix's conv path: groups = d, a few input
+// channels per group) is one of the slowest ops of a training step, and degrades badly when the machine is
+// loaded. This is its replacement for acmix_ms.kernels.conv_path_cpu.CpuGroupConv: every group j is one task
+// (no reduction between threads), its zero-padded inputs in the phase layout of the attention kernels, and each
+// weight entry one contiguous dot product per image.
+//
+// Inputs: grad_out (B, C, Ho, Wo), x (B, d*G, H, W) (group j = channels j*G .. j*G + G - 1), config int32 (3,):
+// kernel_size, stride, groups d; zero padding kernel_size / 2 ("same" for odd kernels). Output: grad_weight
+// (C, G, k, k) (output channel o = j * (C/d) + m belongs to group j).
+extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 4) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_float32(dtypes[3])) return 2;
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4) return 2;
+  const int32_t *config = static_cast<const int32_t *>(params[2]);
+  const int64_t batch = shapes[1][0], height = shapes[1][2], width = shapes[1][3];
+  const int64_t channels = shapes[0][1], groups = config[2];
+  if (config[0] < 1 || config[0] % 2 == 0 || config[1] < 1 || groups < 1) return 2;
+  if (channels % groups != 0 || shapes[1][1] % groups != 0 || shapes[0][0] != batch) return 2;
+  const int64_t per_group_out = channels / groups, per_group_in = shapes[1][1] / groups, pad = config[0] / 2;
+  Geometry g;
+  g.kernel = config[0];
+  g.stride = config[1];
+  g.dilation = 1;
+  g.dim = per_group_in;
+  g.heads = groups;
+  g.out_h = shapes[0][2];
+  g.out_w = shapes[0][3];
+  g.pad_h = height + 2 * pad;
+  g.pad_w = width + 2 * pad;
+  if ((g.out_h - 1) * g.stride + g.kernel > g.pad_h || (g.out_w - 1) * g.stride + g.kernel > g.pad_w) return 2;
+  if (shapes[3][0] != channels || shapes[3][1] != per_group_in || shapes[3][2] != g.kernel || shapes[3][3] != g.kernel)
+    return 2;
+  const float *grad_out = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  float *grad_weight = static_cast<float *>(params[3]);
+  const PhaseLayout l(g);
+  const int64_t ext = l.ext_plane(g), n = g.out_plane(), plane = height * width, taps = g.offsets();
+  acmix::parallel_for(groups, [&](int64_t first, int64_t last, int) {
+    std::vector<float> padded(per_group_in * l.channel_size(), 0.0f), grad_ext(per_group_out * ext);
+    // (source offset, phase-storage offset) of every padded position inside the map; the border stays 0
+    std::vector<std::pair<int64_t, int64_t>> inside;
+    for (int64_t r = 0; r < g.pad_h; ++r) {
+      if (r < pad || r >= pad + height) continue;
+      for (int64_t t = pad; t < pad + width; ++t) {
+        const int64_t at = (r % l.stride) * l.stride * l.phase_plane() + (r / l.stride) * l.ph_w +
+                           (t % l.stride) * l.phase_plane() + t / l.stride;
+        inside.emplace_back((r - pad) * width + (t - pad), at);
+      }
+    }
+    for (int64_t j = first; j < last; ++j) {
+      float *dw = grad_weight + j * per_group_out * per_group_in * taps;
+      std::fill(dw, dw + per_group_out * per_group_in * taps, 0.0f);
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t c = 0; c < per_group_in; ++c) {
+          const float *src = x + (b * groups * per_group_in + j * per_group_in + c) * plane;
+          float *dst = padded.data() + c * l.channel_size();
+          for (const auto &pos : inside) dst[pos.second] = src[pos.first];
+        }
+        for (int64_t m = 0; m < per_group_out; ++m) {
+          expand(g, l, grad_out + (b * channels + j * per_group_out + m) * n, grad_ext.data() + m * ext);
+        }
+        for (int64_t m = 0; m < per_group_out; ++m) {
+          const float *__restrict go = grad_ext.data() + m * ext;
+          for (int64_t c = 0; c < per_group_in; ++c) {
+            const float *pad_c = padded.data() + c * l.channel_size();
+            float *dw_mc = dw + (m * per_group_in + c) * taps;
+            for (int64_t p = 0; p < taps; ++p) {
+              const float *__restrict src = pad_c + l.base[p];
+              dw_mc[p] += dot(go, src, l.span);
+            }
+          }
+        }
+      }
+    }
+  });
+  return 0;
+}
