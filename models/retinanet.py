@@ -278,9 +278,13 @@ class RetinaNetDetect(nn.Cell):
         scores = ops.where(scores > self.score_threshold, scores, ops.zeros_like(scores))
         out_boxes, out_scores, out_labels = (), (), ()
         for b in range(batch):
-            offset = (labels[b].astype(ms.float32) * (self.img_size + 1.0))[:, None]
-            _, order, keep = self.nms(ops.cat([boxes[b] + offset, scores[b][:, None]], axis=1))
-            kept = ops.where(keep, ops.gather(scores[b], order, 0), ops.zeros_like(scores[b]))
+            # NMSWithMask's mask follows its score-sorted output (its index output differs between devices), so
+            # the candidates go in sorted already and the mask is read by position
+            sorted_scores, order = ops.topk(scores[b], self.candidates)
+            sorted_boxes = ops.gather(boxes[b], order, 0)
+            offset = (ops.gather(labels[b], order, 0).astype(ms.float32) * (self.img_size + 1.0))[:, None]
+            _, _, keep = self.nms(ops.cat([sorted_boxes + offset, sorted_scores[:, None]], axis=1))
+            kept = ops.where(keep, sorted_scores, ops.zeros_like(sorted_scores))
             best, position = ops.topk(kept, self.max_detections)
             chosen = ops.gather(order, position, 0)
             out_boxes = out_boxes + (ops.gather(boxes[b], chosen, 0),)
