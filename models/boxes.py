@@ -14,9 +14,18 @@ from mindspore import ops
 MAX_LOG_RATIO = abs(math.log(16.0 / 1000.0))
 
 
+def as_hw(image_size):
+    """int or (H, W) -> (H, W) ints."""
+    if isinstance(image_size, (tuple, list)):
+        height, width = image_size
+        return int(height), int(width)
+    return int(image_size), int(image_size)
+
+
 def level_sizes(image_size, strides):
-    """Feature map side of each level: ceil(image_size / stride)."""
-    return [-(-int(image_size) // int(stride)) for stride in strides]
+    """(H_l, W_l) of each level: ceil(size / stride); ``image_size`` int or (H, W)."""
+    height, width = as_hw(image_size)
+    return [(-(-height // int(stride)), -(-width // int(stride))) for stride in strides]
 
 
 def base_anchors(base_size, scales, ratios):
@@ -32,7 +41,7 @@ def base_anchors(base_size, scales, ratios):
 
 def generate_anchors(image_size, strides=(8, 16, 32, 64, 128), octave_base_scale=4, scales_per_octave=3,
                      ratios=(0.5, 1.0, 2.0)):
-    """RetinaNet anchors of a square input, in head output order (level, y, x, anchor).
+    """RetinaNet anchors of an input of ``image_size`` (int or (H, W)), in head output order (level, y, x, anchor).
 
     Level l (stride s) has anchors of side ``octave_base_scale * s * 2^(i / scales_per_octave)`` for
     i < scales_per_octave, at every aspect ratio, centred on the cells ((x + 0.5) s, (y + 0.5) s).
@@ -41,10 +50,10 @@ def generate_anchors(image_size, strides=(8, 16, 32, 64, 128), octave_base_scale
     """
     scales = [2.0 ** (i / scales_per_octave) for i in range(scales_per_octave)]
     out, counts = [], []
-    for stride, size in zip(strides, level_sizes(image_size, strides)):
+    for stride, (rows, cols) in zip(strides, level_sizes(image_size, strides)):
         base = base_anchors(octave_base_scale * stride, scales, ratios)
-        centres = (np.arange(size, dtype=np.float64) + 0.5) * stride
-        cy, cx = np.meshgrid(centres, centres, indexing="ij")
+        cy, cx = np.meshgrid((np.arange(rows, dtype=np.float64) + 0.5) * stride,
+                             (np.arange(cols, dtype=np.float64) + 0.5) * stride, indexing="ij")
         shifts = np.stack([cx, cy, cx, cy], axis=-1).reshape(-1, 1, 4)
         level = (shifts + base[None]).reshape(-1, 4)
         out.append(level)
@@ -82,7 +91,8 @@ def encode_boxes(boxes, anchors):
 
 
 def decode_boxes(deltas, anchors, max_size=None):
-    """Inverse of ``encode_boxes`` (dw, dh clamped to +-MAX_LOG_RATIO); clipped to [0, max_size] when given."""
+    """Inverse of ``encode_boxes`` (dw, dh clamped to +-MAX_LOG_RATIO); clipped to the image when ``max_size``
+    (a number, or a (4,) Tensor (W, H, W, H)) is given."""
     ax, ay, aw, ah = _centre_size(anchors)
     dw = ops.clamp(deltas[..., 2], -MAX_LOG_RATIO, MAX_LOG_RATIO)
     dh = ops.clamp(deltas[..., 3], -MAX_LOG_RATIO, MAX_LOG_RATIO)
@@ -92,7 +102,7 @@ def decode_boxes(deltas, anchors, max_size=None):
     half_h = 0.5 * ah * ops.exp(dh)
     boxes = ops.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=-1)
     if max_size is not None:
-        boxes = ops.clamp(boxes, 0.0, float(max_size))
+        boxes = ops.clamp(boxes, ops.zeros_like(boxes), ops.zeros_like(boxes) + max_size)
     return boxes
 
 

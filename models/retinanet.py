@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform, Normal, XavierUniform, initializer
 
-from .boxes import box_iou, decode_boxes, encode_boxes, generate_anchors
+from .boxes import as_hw, box_iou, decode_boxes, encode_boxes, generate_anchors
 from .registry import create_model, register_model
 
 STRIDE_MULTIPLE = 32
@@ -125,11 +125,11 @@ class RetinaNet(nn.Cell):
     Args:
         backbone: registered classifier name (any family with ``feature_info`` and ``out_indices``).
         num_classes: object classes K (no background class: sigmoid scores).
-        img_size: square input side the anchors are built for (a multiple of 32).
+        img_size: input side (or (H, W)) the anchors are built for, multiples of 32.
         in_chans, backbone_kwargs: passed to the backbone (e.g. ``{"embed_dims": [...]}``).
         fpn_channels, head_convs, head_channels, prior_prob: FPN width, tower depth/width, class-bias prior.
         octave_base_scale, scales_per_octave, ratios: anchors (see ``models.boxes.generate_anchors``).
-    Inputs: (B, in_chans, img_size, img_size). Outputs: logits (B, N, K), deltas (B, N, 4).
+    Inputs: (B, in_chans, H, W) = img_size. Outputs: logits (B, N, K), deltas (B, N, 4).
     """
 
     def __init__(self, backbone, num_classes=80, img_size=512, in_chans=3, backbone_kwargs=None, fpn_channels=256,
@@ -138,7 +138,8 @@ class RetinaNet(nn.Cell):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 for a detector, got {num_classes}")
-        if img_size < STRIDE_MULTIPLE or img_size % STRIDE_MULTIPLE:
+        height, width = as_hw(img_size)
+        if min(height, width) < STRIDE_MULTIPLE or height % STRIDE_MULTIPLE or width % STRIDE_MULTIPLE:
             raise ValueError(f"img_size must be a multiple of {STRIDE_MULTIPLE} (the backbone's C3-C5 maps are "
                              f"1/8 to 1/32 of the input), got {img_size}")
         self.backbone_name = backbone
@@ -147,7 +148,8 @@ class RetinaNet(nn.Cell):
         self.num_anchors = len(ratios) * scales_per_octave
         self.head = RetinaHead(num_classes, self.num_anchors, fpn_channels, head_channels, head_convs, prior_prob)
         self.num_classes = num_classes
-        self.img_size = int(img_size)
+        self.img_size = img_size
+        self.input_hw = (height, width)
         anchors, counts = generate_anchors(img_size, LEVEL_STRIDES, octave_base_scale, scales_per_octave, ratios)
         self.anchors_np = anchors
         self.level_counts = tuple(counts)
@@ -155,9 +157,9 @@ class RetinaNet(nn.Cell):
         self.min_input_size = max(STRIDE_MULTIPLE, int(getattr(self.backbone, "min_input_size", 1) or 1))
 
     def construct(self, x):
-        if x.shape[2] != self.img_size or x.shape[3] != self.img_size:
-            raise ValueError(f"RetinaNet was built for {self.img_size}x{self.img_size} inputs (its anchors), got "
-                             f"{x.shape[2]}x{x.shape[3]}")
+        if x.shape[2] != self.input_hw[0] or x.shape[3] != self.input_hw[1]:
+            raise ValueError(f"RetinaNet was built for {self.input_hw[0]}x{self.input_hw[1]} inputs (its anchors), "
+                             f"got {x.shape[2]}x{x.shape[3]}")
         c3, c4, c5 = self.backbone(x)
         return self.head(self.fpn(c3, c4, c5))
 
@@ -245,7 +247,9 @@ class RetinaNetDetect(nn.Cell):
         self.model = network if network is not None else model
         self.anchors = ms.Tensor(model.anchors_np)
         self.num_classes = model.num_classes
-        self.img_size = float(model.img_size)
+        height, width = as_hw(getattr(model, "input_hw", model.img_size))
+        self.bounds_wh = ms.Tensor(np.array([width, height, width, height], np.float32))
+        self.class_offset = float(max(height, width) + 1)
         self.score_threshold = float(score_threshold)
         bounds, start = [], 0
         for count in model.level_counts:
@@ -269,7 +273,7 @@ class RetinaNetDetect(nn.Cell):
             gather_index = ops.broadcast_to(anchor[..., None], (batch, top_k, 4))
             level_deltas = ops.gather_elements(deltas[:, start:end], 1, gather_index)
             level_anchors = ops.gather(self.anchors[start:end], anchor, 0)
-            boxes = boxes + (decode_boxes(level_deltas, level_anchors, self.img_size),)
+            boxes = boxes + (decode_boxes(level_deltas, level_anchors, self.bounds_wh),)
             scores = scores + (values,)
             labels = labels + ((index % self.num_classes).astype(ms.int32),)
         boxes = ops.cat(boxes, axis=1)
@@ -282,7 +286,7 @@ class RetinaNetDetect(nn.Cell):
             # the candidates go in sorted already and the mask is read by position
             sorted_scores, order = ops.topk(scores[b], self.candidates)
             sorted_boxes = ops.gather(boxes[b], order, 0)
-            offset = (ops.gather(labels[b], order, 0).astype(ms.float32) * (self.img_size + 1.0))[:, None]
+            offset = (ops.gather(labels[b], order, 0).astype(ms.float32) * self.class_offset)[:, None]
             _, _, keep = self.nms(ops.cat([sorted_boxes + offset, sorted_scores[:, None]], axis=1))
             kept = ops.where(keep, sorted_scores, ops.zeros_like(sorted_scores))
             best, position = ops.topk(kept, self.max_detections)
