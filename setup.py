@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": ["pytest"],
         "plot": ["matplotlib"],
+        "coco": ["pycocotools"],  # detection mAP by the reference COCOeval (a NumPy equivalent is built in)
         "torch-tests": ["torch==2.13.0+cpu"],
     },
 )

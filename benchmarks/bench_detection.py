@@ -39,9 +39,12 @@ PAPER_SPEEDUP = {"pvt_small": 1.3, "pvt_large": 1.8}  # Table 5: ACmix fps / PVT
 PAPER_FPS = {"pvt_small": (50.3, 67.7), "pvt_large": (24.3, 43.9)}
 
 
-def detector_names(pattern="retinanet_*"):
+def detector_names(*patterns):
+    """Registered detectors matching any of the shell-style patterns (all RetinaNets by default)."""
     import models
-    return [name for name in models.list_models() if fnmatch.fnmatch(name, pattern)]
+    patterns = patterns or ("retinanet_*",)
+    return [name for name in models.list_models() if models.model_task(name) == "detection"
+            and any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
 
 
 def build_detector(name, image_size, num_classes=80):
@@ -186,7 +189,8 @@ def parse_args(argv):
     parser.add_argument("--flops_only", action="store_true", help="only the parameter/MAC table (no timing)")
     parser.add_argument("--no_flops", action="store_true", help="only the timing (no parameter/MAC table)")
     parser.add_argument("--params_only", action="store_true", help="size table without MACs (no forward pass)")
-    parser.add_argument("--flops_models", default="retinanet_*", help="shell pattern of the detectors to size")
+    parser.add_argument("--flops_models", nargs="+", default=["retinanet_*"],
+                        help="shell patterns of the detectors to size")
     parser.add_argument("--flops_size", type=int, nargs=2, default=[800, 1280], metavar=("H", "W"))
     parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
     parser.add_argument("--out", help="write the markdown report here (and <out>.json)")
@@ -219,9 +223,10 @@ def main(argv=None):
                                          not args.no_mindir)
     size_rows = {}
     if not args.no_flops:
-        names = detector_names(args.flops_models)
+        names = detector_names(*args.flops_models)
         if not names:
-            print(f"error: --flops_models {args.flops_models!r} matches no registered detector", file=sys.stderr)
+            print(f"error: --flops_models {' '.join(args.flops_models)} matches no registered detector",
+                  file=sys.stderr)
             return 2
         size_rows = sizes(names, args.flops_size, with_macs=not args.params_only)
     env["load_average_end"] = tuple(round(v, 2) for v in os.getloadavg())

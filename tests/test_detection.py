@@ -312,3 +312,15 @@ def test_detector_trains_evaluates_and_exports(scene_root, tmp_path, capsys):
     from_mindir = json.load(open(json_path))
     for key in ("mAP", "mAP50", "mAP75", "detections"):
         assert from_mindir[key] == pytest.approx(from_checkpoint[key], abs=1e-6)
+
+
+def test_bench_detection_size_table(tmp_path, capsys):
+    from benchmarks.bench_detection import main
+    out = str(tmp_path / "bench.md")
+    assert main(["--flops_only", "--params_only", "--flops_models", "retinanet_pvt_tiny", "--flops_size", "64", "64",
+                 "--out", out]) == 0
+    text = open(out).read()
+    row = json.load(open(out + ".json"))["sizes"]["retinanet_pvt_tiny"]
+    # PVT-T RetinaNet, 80 classes: ~22.6 M at 64 px (position embeddings scale with the input; PVT's paper: 23.0 M)
+    assert 22.0 < row["params_m"] < 23.2 and row["gmacs"] is None
+    assert f"| retinanet_pvt_tiny | {row['params_m']:.2f} |" in text and "| 230 |" in text  # paper: 230 GFLOPs
