@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": ["pytest", "matplotlib"],  # matplotlib: the plot tests take their real path in CI
         "plot": ["matplotlib"],
+        "coco": ["pycocotools"],  # detection mAP by the reference COCOeval (a NumPy equivalent is built in)
         "torch-tests": ["torch==2.13.0+cpu"],
     },
 )
