@@ -112,6 +112,10 @@ TRAIN_OPTIONS = (
     _options(
         "model",
         ("model", "str", None, "registered model name (models.list_models())", {"optional": True}),
+        ("task", "str", None, "what the model learns: a module of engine/tasks (classification, detection, ...); "
+                              "null: the task the model is registered for", {"optional": True}),
+        ("task_options", "dict", {}, "settings of the task (engine/tasks/<task>.py OPTIONS), e.g. "
+                                     "{score_threshold: 0.05}"),
         ("num_classes", "int", None, "classifier width; null = number of class folders", {"optional": True}),
         ("model_overrides", "dict", {}, "extra constructor keyword arguments, e.g. {shift_impl: fixed}"),
         ("drop_path_rate", "float", None, "stochastic depth rate passed to the model (null: its default)",
@@ -325,6 +329,9 @@ def build_config(options=TRAIN_OPTIONS, file_values=None, overrides=None, file_s
 
 def check_train_config(cfg):
     """Cross-option checks that one option's type cannot express."""
+    if cfg.task is not None or cfg.task_options:
+        from .tasks import DEFAULT_TASK, get_task, task_options
+        task_options(cfg, get_task(cfg.task or DEFAULT_TASK) if cfg.task or not cfg.model else None)
     for name in _POSITIVE_INTS:
         if cfg[name] < 1:
             raise ConfigError(f"option '{name}' must be >= 1, got {cfg[name]}")
