@@ -361,49 +361,57 @@ def _upernet(backbone, num_classes, in_chans, overrides):
 
 
 # Paper Table 2 (ADE20K, 150 classes): params, FLOPs (MACs; Semantic FPN at 512x512, UperNet at 512x2048), mIoU.
-@register_model(paper={"params_m": 17, "gmacs": 158, "miou": 37.1, "input_size": (512, 512), "num_classes": 150})
+@register_model(paper={"params_m": 17, "gmacs": 158, "miou": 37.1, "input_size": (512, 512), "num_classes": 150},
+                task="segmentation")
 def semfpn_pvt_tiny(num_classes=150, in_chans=3, **overrides):
     """Semantic FPN with a PVT-T backbone."""
     return _semfpn("pvt_tiny", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 17, "gmacs": 160, "miou": 42.7, "input_size": (512, 512), "num_classes": 150})
+@register_model(paper={"params_m": 17, "gmacs": 160, "miou": 42.7, "input_size": (512, 512), "num_classes": 150},
+                task="segmentation")
 def semfpn_pvt_tiny_acmix(num_classes=150, in_chans=3, **overrides):
     """Semantic FPN with a PVT-ACmix-T backbone."""
     return _semfpn("pvt_tiny_acmix", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 28, "gmacs": 225, "miou": 42.4, "input_size": (512, 512), "num_classes": 150})
+@register_model(paper={"params_m": 28, "gmacs": 225, "miou": 42.4, "input_size": (512, 512), "num_classes": 150},
+                task="segmentation")
 def semfpn_pvt_small(num_classes=150, in_chans=3, **overrides):
     """Semantic FPN with a PVT-S backbone."""
     return _semfpn("pvt_small", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 29, "gmacs": 228, "miou": 46.4, "input_size": (512, 512), "num_classes": 150})
+@register_model(paper={"params_m": 29, "gmacs": 228, "miou": 46.4, "input_size": (512, 512), "num_classes": 150},
+                task="segmentation")
 def semfpn_pvt_small_acmix(num_classes=150, in_chans=3, **overrides):
     """Semantic FPN with a PVT-ACmix-S backbone."""
     return _semfpn("pvt_small_acmix", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 60, "gmacs": 945, "miou": 44.5, "input_size": (512, 2048), "num_classes": 150})
+@register_model(paper={"params_m": 60, "gmacs": 945, "miou": 44.5, "input_size": (512, 2048), "num_classes": 150},
+                task="segmentation")
 def upernet_swin_tiny(num_classes=150, in_chans=3, **overrides):
     """UperNet (+ auxiliary FCN head) with a Swin-T backbone."""
     return _upernet("swin_tiny", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 60, "gmacs": 950, "miou": 45.3, "input_size": (512, 2048), "num_classes": 150})
+@register_model(paper={"params_m": 60, "gmacs": 950, "miou": 45.3, "input_size": (512, 2048), "num_classes": 150},
+                task="segmentation")
 def upernet_swin_tiny_acmix(num_classes=150, in_chans=3, **overrides):
     """UperNet (+ auxiliary FCN head) with a Swin-ACmix-T backbone."""
     return _upernet("swin_tiny_acmix", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 81, "gmacs": 1038, "miou": 47.6, "input_size": (512, 2048), "num_classes": 150})
+@register_model(paper={"params_m": 81, "gmacs": 1038, "miou": 47.6, "input_size": (512, 2048), "num_classes": 150},
+                task="segmentation")
 def upernet_swin_small(num_classes=150, in_chans=3, **overrides):
     """UperNet (+ auxiliary FCN head) with a Swin-S backbone."""
     return _upernet("swin_small", num_classes, in_chans, overrides)
 
 
-@register_model(paper={"params_m": 81, "gmacs": 1043, "miou": 48.7, "input_size": (512, 2048), "num_classes": 150})
+@register_model(paper={"params_m": 81, "gmacs": 1043, "miou": 48.7, "input_size": (512, 2048), "num_classes": 150},
+                task="segmentation")
 def upernet_swin_small_acmix(num_classes=150, in_chans=3, **overrides):
     """UperNet (+ auxiliary FCN head) with a Swin-ACmix-S backbone."""
     return _upernet("swin_small_acmix", num_classes, in_chans, overrides)

@@ -300,3 +300,16 @@ def test_unpadded_model_rejects_sizes_off_the_stride():
     net.set_train(False)
     with pytest.raises(ValueError, match="not a multiple of 32"):
         net(ms.Tensor(np.zeros((1, 3, 40, 64), np.float32)))
+
+
+# ---- poly schedule ---------------------------------------------------------------------------------------
+def test_warmup_poly_schedule_matches_the_formula():
+    from engine.optim import WarmupPolyLR
+    base, low, start, warmup, total, power = 0.02, 1e-4, 1e-3, 3, 23, 0.9
+    schedule = WarmupPolyLR(base, total, warmup, start, low, power)
+    got = np.array([float(schedule(ms.Tensor([s], ms.int32)).asnumpy()[0]) for s in range(total + 1)])
+    steps = np.arange(total + 1)
+    progress = np.clip((steps - warmup) / (total - warmup), 0, 1)
+    want = np.where(steps < warmup, start + (base - start) * steps / warmup,
+                    low + (base - low) * (1 - progress) ** power)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
