@@ -313,3 +313,25 @@ def test_warmup_poly_schedule_matches_the_formula():
     want = np.where(steps < warmup, start + (base - start) * steps / warmup,
                     low + (base - low) * (1 - progress) ** power)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+# ---- params/MACs table tool ------------------------------------------------------------------------------
+def test_table_counts_the_head_by_its_conv_shapes():
+    """tools/segmentation_table.measure: segmentor MACs = backbone MACs + the UperNet head's convolutions
+    counted by hand (PPM at 1/2/3/6, bottleneck, laterals, FPN convs, fusion, classifier)."""
+    from models.profile import count_macs
+    from tools import segmentation_table
+    k, ch = 5, 16
+    kw = dict(backbone_kwargs=dict(NARROW_SWIN, drop_path_rate=0.0), channels=ch, aux_channels=8)
+    row = segmentation_table.measure("upernet_swin_tiny", input_size=(64, 64), num_classes=k, **kw)
+    net = models.create_model("upernet_swin_tiny", num_classes=k, img_size=(64, 64), **kw)
+    backbone = count_macs(net.backbone, (1, 3, 64, 64))
+    chans, sides = [16, 32, 64, 128], [16, 8, 4, 2]
+    head = sum(s * s * chans[3] * ch for s in (1, 2, 3, 6))  # PPM 1x1 convs
+    head += sides[3] ** 2 * 9 * (chans[3] + 4 * ch) * ch  # bottleneck
+    head += sum(sides[i] ** 2 * (chans[i] * ch + 9 * ch * ch) for i in range(3))  # laterals + FPN convs
+    head += sides[0] ** 2 * (9 * 4 * ch * ch + ch * k)  # fusion conv + classifier
+    assert round(row["gmacs"] * 1e9) == backbone + head
+    assert row["input"] == (64, 64) and row["params_m"] > row["backbone_params_m"]
+    assert segmentation_table.segmentation_models(["upernet*"]) == [
+        "upernet_swin_small", "upernet_swin_small_acmix", "upernet_swin_tiny", "upernet_swin_tiny_acmix"]
