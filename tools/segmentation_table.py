@@ -10,6 +10,7 @@ head only runs in training, and mmseg's FLOPs count runs the inference path).
     python tools/segmentation_table.py                                 # all segmentation models
     python tools/segmentation_table.py --models 'semfpn*' --out docs/segmentation_table.md
     python tools/segmentation_table.py --no_macs                       # parameters only (fast)
+    python tools/segmentation_table.py --models 'semfpn*' --input_size 512 2048   # another input size
 """
 import argparse
 import sys
@@ -72,15 +73,19 @@ def table(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", default=None, help="shell-style name patterns (default: all)")
+    parser.add_argument("--input_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="count every model at this input instead of the paper's (Table 2) size")
     parser.add_argument("--no_macs", action="store_true", help="count parameters only (skips the forward pass)")
     parser.add_argument("--out", default=None, help="write the table as markdown to this file")
     args = parser.parse_args(argv)
+    if args.input_size and min(args.input_size) < 1:
+        parser.error(f"--input_size must be positive, got {args.input_size}")
     from benchmarks.common import environment, environment_markdown
     env = environment()
     rows = []
     for name in segmentation_models(args.models):
         try:
-            row = measure(name, with_macs=not args.no_macs)
+            row = measure(name, args.input_size, with_macs=not args.no_macs)
         except Exception as exc:  # a tool: report the model that fails and go on with the others
             row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         rows.append((name, row))
