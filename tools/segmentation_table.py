@@ -1,8 +1,8 @@
 """Parameters and MACs of the segmentation models beside the paper's Table 2 (ADE20K, 150 classes).
 
 Each registered segmentation model is built with the paper's class count and counted by ``models.profile``
-(Parameters; one PyNative forward pass at the paper's input size, batch 1): Semantic FPN at 512x512,
-UperNet at 512x2048. Swin backbones are built for that input (window shifts in every stage, as at that
+(Parameters; one PyNative forward pass at the paper's input size, batch 1): 512x2048 for Semantic FPN and
+UperNet (the size the paper's FLOPs match; ``--input_size 512 512`` gives PVT's own Semantic FPN figures). Swin backbones are built for that input (window shifts in every stage, as at that
 size in the official code); PVT backbones keep their 224 px position tables (interpolated at run time, as
 PVT's segmentation code does). UperNet's parameters include the auxiliary FCN head; its MACs do not (the
 head only runs in training, and mmseg's FLOPs count runs the inference path).
