@@ -142,25 +142,26 @@ class _AllReduceSum(nn.Cell):
         return self.all_reduce(x)
 
 
-DIGIT_BITS = 24  # int32 all-reduce of 24-bit digits: exact for up to 2**7 ranks
+DIGIT_BITS = 16  # float32 holds integers exactly up to 2**24: sums of 16-bit digits over up to 256 ranks
 
 
 def all_reduce_confusion(matrix):
     """Element-wise sum of an int64 array over all ranks (collective communication must be initialised).
 
-    Collectives reduce int32 on every backend, so the non-negative counts are split into 24-bit digits,
-    each summed exactly as int32, and recombined in int64.
+    AllReduce takes float32 on every backend (the CPU one only float32/float16), which is exact for
+    integers below 2**24 only: the non-negative counts are split into 16-bit digits, each summed exactly
+    in float32 (up to 256 ranks), and recombined in int64.
     """
     matrix = np.asarray(matrix, np.int64)
     if (matrix < 0).any():
         raise ValueError("all_reduce_confusion sums non-negative counts only")
     digits = []
     rest = matrix.copy()
-    for _ in range(3):  # 72 bits >= 63
+    for _ in range(4):  # 64 bits
         digits.append(rest & ((1 << DIGIT_BITS) - 1))
         rest >>= DIGIT_BITS
-    stacked = ms.Tensor(np.stack(digits).astype(np.int32))
-    summed = _AllReduceSum()(stacked).asnumpy().astype(np.int64)
+    stacked = ms.Tensor(np.stack(digits).astype(np.float32))
+    summed = np.rint(_AllReduceSum()(stacked).asnumpy()).astype(np.int64)
     total = np.zeros_like(matrix)
     for index in range(len(digits) - 1, -1, -1):
         total = (total << DIGIT_BITS) + summed[index]

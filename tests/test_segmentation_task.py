@@ -129,3 +129,52 @@ def test_train_eval_export_round_trip(scene_root, tmp_path):
     exported = eval_script.run(eval_script.parse_args(["--mindir", mindir]))
     assert exported["miou"] == pytest.approx(val["miou"], abs=1e-3)
     assert "per-class IoU" in task.summary(exported)
+
+
+RANK_SCRIPT = """import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from mindspore.communication import init, get_rank, get_group_size
+init()
+from engine.segmentation import SegmentationMeter
+rank, size = get_rank(), get_group_size()
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 4, (6, 5, 7))
+labels[:, 0] = 255
+logits = rng.standard_normal((6, 4, 5, 7))
+meter = SegmentationMeter(4)
+for i in range(rank, 6, size):  # each rank scores its own images
+    meter.update(logits[i:i + 1], labels[i:i + 1], loss=float(i))
+result = meter.all_reduce(size).result()
+with open(sys.argv[2] + str(rank), "w") as handle:
+    json.dump({"matrix": meter.matrix.tolist(), "result": result}, handle)
+"""
+
+
+@pytest.mark.skipif(__import__("shutil").which("msrun") is None, reason="msrun (MindSpore's launcher) is not on PATH")
+def test_confusion_matrices_are_summed_over_msrun_ranks(tmp_path):
+    """Two CPU workers each score half of the images; after all_reduce both hold the one-process result."""
+    import subprocess
+    from conftest import ROOT
+    from engine.segmentation import SegmentationMeter
+    from test_train_distributed import free_port
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    out = str(tmp_path / "rank")
+    command = ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", f"--log_dir={tmp_path / 'logs'}", "--join=True",
+               "--cluster_time_out=180", str(script), ROOT, out]
+    done = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (6, 5, 7))
+    labels[:, 0] = 255
+    logits = rng.standard_normal((6, 4, 5, 7))
+    whole = SegmentationMeter(4)
+    for i in range(6):
+        whole.update(logits[i:i + 1], labels[i:i + 1], loss=float(i))
+    for rank in (0, 1):
+        got = json.load(open(out + str(rank)))
+        np.testing.assert_array_equal(got["matrix"], whole.matrix)
+        assert got["result"]["miou"] == pytest.approx(whole.result()["miou"])
+        assert got["result"]["loss"] == pytest.approx(2.5)
