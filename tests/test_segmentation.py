@@ -335,3 +335,14 @@ def test_table_counts_the_head_by_its_conv_shapes():
     assert row["input"] == (64, 64) and row["params_m"] > row["backbone_params_m"]
     assert segmentation_table.segmentation_models(["upernet*"]) == [
         "upernet_swin_small", "upernet_swin_small_acmix", "upernet_swin_tiny", "upernet_swin_tiny_acmix"]
+
+
+@pytest.mark.slow
+def test_any_registered_backbone_feeds_the_heads():
+    """A ResNet (strides 1-8 in the demo network) under UperNet: channels and strides from feature_info,
+    padding to its own largest stride."""
+    net = segm.UperNet(backbone="resnet_tiny", num_classes=3, channels=8, aux_channels=8)
+    assert net.size_divisor == max(net.strides) and len(net.channels) == 4
+    net.set_train(False)
+    out = net(ms.Tensor(np.zeros((2, 3, 21, 30), np.float32)))
+    assert out.shape == (2, 3, 21, 30)
