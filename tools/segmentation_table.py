@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from models.profile import count_macs, count_params  # noqa: E402
-from tools.model_table import _fmt, _relative, select_models  # noqa: E402
+from tools.model_table import _fmt, _relative  # noqa: E402
 
 
 def segmentation_models(patterns=None):
     """Registered segmentation model names matching the patterns (all segmentation models when None)."""
-    from models.registry import model_task
-    names = [name for name in select_models(patterns) if model_task(name) == "segmentation"]
+    import fnmatch
+    names = [name for name in models.list_models() if models.model_task(name) == "segmentation"
+             and (not patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns))]
     if not names:
         raise ValueError(f"no registered segmentation model matches {patterns}")
     return names
