@@ -11,7 +11,8 @@ Reads ``train-images-idx3-ubyte.gz`` etc. from ``--source`` (default: where Debi
 folder directly into memory, engine/idx_data.py; the full data set needs no preparation: use the source
 folder itself as ``--data_dir``).
 
-    python tools/prepare_fashion_mnist.py --out data/fashion_mnist_idx --format idx --train-per-class 60 --val-per-class 20
+    python tools/prepare_fashion_mnist.py --out data/fashion_mnist_idx --format idx --train-per-class 60 \
+        --val-per-class 20
 
 Idempotent: a manifest records the options; a second run with the same options does nothing, with other
 options it rewrites the splits it made. Folders it did not make are never touched.
@@ -167,7 +168,8 @@ def prepare_idx(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=
             log(f"{out} is already prepared ({old['counts']['train']} train / {old['counts']['val']} val images)")
             return old
     elif any(map(os.path.exists, targets.values())):
-        raise PrepareError(f"{out} already holds IDX files not written by this tool; choose another --out")
+        raise PrepareError(f"{out} already holds IDX files not written by this tool; choose another --out "
+                           f"(or use that folder directly as --data_dir)")
     os.makedirs(out, exist_ok=True)
     counts = {}
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -199,8 +201,9 @@ def main(argv=None):
                              "(read into memory by the engine)")
     args = parser.parse_args(argv)
     try:
-        (prepare if args.format == "imagefolder" else prepare_idx)(args.out, args.source, args.train_per_class, args.val_per_class,
-                {key: getattr(args, key) for key in FILES})
+        write = prepare if args.format == "imagefolder" else prepare_idx
+        write(args.out, args.source, args.train_per_class, args.val_per_class,
+              {key: getattr(args, key) for key in FILES})
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
