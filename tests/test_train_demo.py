@@ -45,3 +45,17 @@ def test_demo_rejects_bad_set_option(tmp_path, capsys):
     code = demo.main(["--quick", "--models", TEST_MODEL, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
                       "--train-per-class", "2", "--val-per-class", "1", "--set", "lr"])
     assert code == 2 and "OPTION=VALUE" in capsys.readouterr().err
+
+
+def test_demo_comparison_plot(tmp_path):
+    """runs/demo/curves.png: both models' loss against images seen and their per-epoch top-1 (with matplotlib)."""
+    pytest.importorskip("matplotlib")
+    rows = []
+    for name, batch in (("a", 16), ("b", 32)):
+        path = tmp_path / f"{name}.jsonl"
+        records = [{"type": "train", "global_step": step, "loss": 2.0 / step} for step in (1, 2, 3)]
+        records += [{"type": "epoch", "epoch": 1, "val_top1": 50.0}, {"type": "epoch", "epoch": 2, "val_top1": 60.0}]
+        path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+        rows.append({"model": name, "metrics": str(path), "batch_size": batch})
+    png = demo.plot_comparison(rows, str(tmp_path / "curves.png"))
+    assert png and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
