@@ -4,7 +4,7 @@ files) and the model's training step at several batch and image sizes, measured 
 
     python benchmarks/bench_demo.py                                   # defaults below
     python benchmarks/bench_demo.py --models resnet_tiny resnet_tiny_acmix --batch_sizes 16 64 128 \
-        --image_sizes 28 32 --rounds 3 --steps 5
+        --image_sizes 28 32 --rounds 3 --images 512
     python benchmarks/bench_demo.py --no_data                         # model steps only
     python benchmarks/bench_demo.py --no_models --data_images 2000    # data pipelines only
 
@@ -64,7 +64,9 @@ def main(argv=None):
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--image_sizes", type=int, nargs="+", default=[28, 32])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration and round")
+    parser.add_argument("--images", type=int, default=512,
+                        help="training images per configuration and round (steps = images / batch, at least 1): "
+                             "every configuration takes a similar time, so the rounds interleave finely")
     parser.add_argument("--data_images", type=int, default=2000, help="images per data pass (multiple of 10)")
     parser.add_argument("--data_batch", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=2)
@@ -102,11 +104,12 @@ def main(argv=None):
                     step(*inputs)  # compile
 
                     def run(step=step, inputs=inputs, batch=batch):
+                        steps = max(1, args.images // batch)
                         start = time.perf_counter()
-                        for _ in range(args.steps):
+                        for _ in range(steps):
                             loss = step(*inputs)[0]
                         np.asarray(loss.asnumpy())
-                        return args.steps * batch / (time.perf_counter() - start)
+                        return steps * batch / (time.perf_counter() - start)
                     tasks[f"train step {model_name} {size}px batch {batch}"] = run
     results = {label: [] for label in tasks}
     for round_index in range(args.rounds):

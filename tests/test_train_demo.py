@@ -57,5 +57,5 @@ def test_demo_comparison_plot(tmp_path):
         records += [{"type": "epoch", "epoch": 1, "val_top1": 50.0}, {"type": "epoch", "epoch": 2, "val_top1": 60.0}]
         path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
         rows.append({"model": name, "metrics": str(path), "batch_size": batch})
-    png = demo.plot_comparison(rows, str(tmp_path / "curves.png"))
+    png = demo.plot_comparison(rows, str(tmp_path / "curves.png"), target=90.0)
     assert png and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

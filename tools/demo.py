@@ -72,9 +72,9 @@ def data_folder(args):
     return args.data
 
 
-def plot_comparison(rows, path):
-    """Training loss (vs images seen) and validation top-1 (per epoch) of every model in one PNG, or None
-    without matplotlib."""
+def plot_comparison(rows, path, target=None):
+    """Training loss (vs images seen) and validation top-1 (per epoch) of every model in one PNG (a dashed
+    line at ``target`` % top-1 when given), or None without matplotlib."""
     from engine.logger import load_pyplot, read_metrics, save_figure
     plt = load_pyplot()
     if plt is None:
@@ -89,6 +89,9 @@ def plot_comparison(rows, path):
         acc_axis.plot([e for e, _ in epochs], [top1 for _, top1 in epochs], marker="o", label=row["model"])
     loss_axis.set_xlabel("training images seen")
     loss_axis.set_ylabel("training loss (label smoothing included)")
+    if target is not None:
+        acc_axis.axhline(target, linestyle="--", color="grey", label=f"goal {target:.0f} %")
+    acc_axis.xaxis.get_major_locator().set_params(integer=True)
     acc_axis.set_xlabel("epoch")
     acc_axis.set_ylabel("validation top-1 (%)")
     for axis in (loss_axis, acc_axis):
@@ -184,7 +187,7 @@ def main(argv=None):
               f"for all): {'met' if met else 'NOT met'} (training {train_minutes:.1f} min, load average at the "
               f"start {load_at_start})")
     os.makedirs(args.out, exist_ok=True)
-    curves = plot_comparison(rows, os.path.join(args.out, "curves.png"))
+    curves = plot_comparison(rows, os.path.join(args.out, "curves.png"), TARGET_TOP1 if full else None)
     print(f"curves: {curves}" if curves else "curves: matplotlib is not installed (pip install -e .[plot])")
     summary = {"models": rows, "mindir": exported, "data_dir": data_dir, "config": args.config,
                "train_per_class": args.train_per_class, "val_per_class": args.val_per_class, "epochs": cfg.epochs,
