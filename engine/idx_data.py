@@ -195,10 +195,24 @@ def shard_order(num_samples, seed, num_shards=1, shard_id=0):
     return order[shard_id::num_shards]
 
 
+class _ArraySource:
+    """Random-access (image (H, W, 1) uint8, label int32) rows of ``index`` at ``positions`` (no copy of the
+    split is made per epoch)."""
+
+    def __init__(self, index, positions):
+        self.images, self.labels, self.positions = index.images, index.labels, positions
+
+    def __getitem__(self, item):
+        position = self.positions[item]
+        return self.images[position][..., None], self.labels[position]
+
+    def __len__(self):
+        return len(self.positions)
+
+
 def _source(index, positions):
     import mindspore.dataset as ds
-    return ds.NumpySlicesDataset({"image": index.images[positions][..., None], "label": index.labels[positions]},
-                                 shuffle=False)
+    return ds.GeneratorDataset(_ArraySource(index, positions), column_names=["image", "label"], shuffle=False)
 
 
 def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0):
