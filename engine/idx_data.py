@@ -7,9 +7,9 @@ no per-image file reads or PNG decoding. ``engine.data.scan_split`` returns an `
 (split ``train`` -> ``train-*``; ``val``, ``test`` or ``t10k`` -> ``t10k-*``), and ``engine.data.train_dataset``
 / ``eval_dataset`` hand it to this module.
 
-Class names: one per line in ``<data_dir>/classes.txt`` when present; else, with 10 classes, the
-Fashion-MNIST names (``FASHION_MNIST_CLASSES``, in label order); else ``"0" .. "K-1"``. Labels are the
-files' labels (not re-sorted by name as ImageFolder would).
+Class names: one per line in ``<data_dir>/classes.txt`` when present (write one for MNIST digits); else,
+with labels 0..9 at most, the 10 Fashion-MNIST names (``FASHION_MNIST_CLASSES``, in label order); else
+``"0" .. "K-1"``. Labels are the files' labels (not re-sorted by name as ImageFolder would).
 
 Pipelines (images (N, H, W) uint8 grey in memory):
 * train: a seeded permutation (``seed`` = cfg.seed + epoch, as the ImageFolder path), sharded by rank ->
@@ -119,7 +119,7 @@ def class_names(data_dir, num_classes):
         if len(names) < num_classes:
             raise IdxError(f"{path} names {len(names)} classes but the labels go up to {num_classes - 1}")
         return names
-    if num_classes <= len(FASHION_MNIST_CLASSES) and num_classes > 5:
+    if num_classes <= len(FASHION_MNIST_CLASSES):
         return list(FASHION_MNIST_CLASSES)
     return [str(label) for label in range(num_classes)]
 
