@@ -296,6 +296,41 @@ def test_ablation_tables_group_rate_and_shift_variants(tmp_path):
     assert [row[0] for row in shift_rows] == ["shift_tensor", "learnable"]
 
 
+def test_ablation_summary_mean_std_over_seeds_and_rates():
+    budget = ablation.budget_of(ablation.parse_args(["--quick"]))
+    top1 = {"learnable": [80.0, 82.5, 86.0], "conv_baseline": [84.0, 85.0, 89.0], "shift_tensor": [70.0, 71.0, 75.0]}
+    results = []
+    for variant, values in top1.items():
+        for seed, value in enumerate(values):
+            result = dict(_fake_result(variant, budget, value), seed=seed)
+            if variant == "learnable":
+                result["rates"] = [["layer1.0", 0.4 + 0.1 * seed, 0.6], ["layer2.0", 0.9, None]]
+            results.append(result)
+    text = ablation.summary_tables(results)
+    _, rows = _table(text, "Table 6 (mean ± std)")
+    assert [row[0] for row in rows] == ["learnable", "conv_baseline"]
+    for row, values in zip(rows, (top1["learnable"], top1["conv_baseline"])):
+        assert row[3] == "0, 1, 2"
+        assert row[5] == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    _, rows = _table(text, "Table 7 (mean ± std)")
+    assert [row[0] for row in rows] == ["shift_tensor", "learnable"]
+    _, rows = _table(text, "Fig. 5")
+    assert rows == [["learnable", "layer1.0", "3", "0.50 ± 0.10", "0.60 ± 0.00",
+                     f"{np.mean(np.log([0.4 / 0.6, 0.5 / 0.6, 0.6 / 0.6])):.2f} ± "
+                     f"{np.std(np.log([0.4 / 0.6, 0.5 / 0.6, 0.6 / 0.6]), ddof=1):.2f}"]]
+    assert ablation.mean_std([3.0]) == "3.00 ± —" and ablation.mean_std([None]) == "—"
+
+
+def test_ablation_defaults_full_data_three_seeds():
+    args = ablation.parse_args(["--family", "resnet"])
+    assert args.seeds == [0, 1, 2] and args.train_per_class is None and not args.subset
+    from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+    assert args.data_dir == DEFAULT_SOURCE
+    cfg = ablation.run_config(args, "learnable", 1, args.data_dir, "runs/x")
+    assert (cfg.batch_size, cfg.image_size, cfg.in_chans, cfg.seed) == (128, 28, 1, 1)
+    assert "--train_per_class" not in ablation._child_argv(args, "learnable", 1)
+
+
 @pytest.mark.slow
 def test_ablation_quick_trains_with_the_engine(tmp_path):
     out = tmp_path / "ablation.md"
