@@ -174,6 +174,13 @@ def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threa
         raise ValueError(f"bad_images={bad_images!r} is not supported; allowed values: 'fail', 'skip'")
     if data_dir is None:
         raise DataError("option 'data_dir' is not set: give the ImageFolder root (holding train/ and val/)")
+    from . import idx_data
+    if idx_data.holds_idx(data_dir):  # IDX files (MNIST format): decoded into memory, see engine/idx_data.py
+        split_data = idx_data.load_split(data_dir, split)
+        if split_data is None:
+            raise DataError(f"no IDX files for split {split!r} in {data_dir} (expected "
+                            f"{idx_data.SPLIT_PREFIXES.get(split, '<train|t10k>')}-images-idx3-ubyte[.gz] and labels)")
+        return split_data
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         raise DataError(f"dataset folder not found: {root} (expected {data_dir}/{split}/<class>/<image>; "
@@ -348,6 +355,9 @@ def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0, fused
     ``seed`` fixes the order and the augmentation draws, so a resumed run sees the same batches as an
     uninterrupted one (callers pass ``cfg.seed + epoch``). ``fused``: see ``train_transforms``.
     """
+    if getattr(index, "in_memory", False):
+        from .idx_data import train_dataset as idx_train_dataset
+        return idx_train_dataset(cfg, index, num_classes, seed, num_shards, shard_id)
     import mindspore.dataset as ds
     from mindspore.dataset import transforms
     ds.config.set_seed(seed)
@@ -378,6 +388,9 @@ def eval_dataset(cfg, index, batch_size=None, num_shards=1, shard_id=0):
     With ``num_shards`` > 1: every ``num_shards``-th image from ``shard_id`` on, so the shards of all ranks
     hold each image exactly once (no padding repeats, unlike the training shards).
     """
+    if getattr(index, "in_memory", False):
+        from .idx_data import eval_dataset as idx_eval_dataset
+        return idx_eval_dataset(cfg, index, batch_size, num_shards, shard_id)
     from mindspore.dataset import transforms
     subset = range(shard_id, len(index), num_shards) if num_shards > 1 else None
     if subset is not None and not len(subset):
