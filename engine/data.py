@@ -93,6 +93,8 @@ def find_bad_images(index, num_threads=None, use_cache=True):
     The result is cached per file list (``image_check_cache_dir``, keyed by paths, sizes and modification
     times), so each dataset is decoded once, not on every start. Progress (img/s, ETA) is logged every 10 s.
     """
+    if getattr(index, "in_memory", False):  # decoded arrays (engine/idx_data.py): there is no file to check
+        return []
     from .logger import RateProgress
     cache = os.path.join(image_check_cache_dir(), _fingerprint(index) + ".json") if use_cache else None
     if cache and os.path.isfile(cache):
