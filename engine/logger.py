@@ -38,9 +38,11 @@ def setup_logging(output_dir=None, writer=True, name="engine"):
 
 
 class ProgressMeter:
-    """Progress lines: epoch, step, loss, lr, images/s and ETA.
+    """Training progress lines: epoch, step, loss, lr, images/s and ETA.
 
-    The first step of each epoch (graph compilation, pipeline start) is left out of the speed estimate.
+    The host learns about finished steps only when it waits for the device (``synced``): the speed is
+    measured over the steps between such waits, leaving out the first wait of each epoch (graph
+    compilation, pipeline start).
     """
 
     def __init__(self, log, total_steps, steps_per_epoch, epochs, images_per_step, start_step=0):
@@ -51,24 +53,20 @@ class ProgressMeter:
         self.images_per_step = images_per_step
         self.timed_steps = 0
         self.timed_seconds = 0.0
-        self.window_losses = []
-        self.window_start = None
-        self.window_steps = 0
         self.last_time = None
         self.global_step = start_step
 
     def start_epoch(self):
         self.last_time = None
 
-    def step(self, loss):
-        """Record one finished step (call right after its loss is on the host)."""
+    def synced(self, steps):
+        """``steps`` more steps are finished (the host has just waited for them)."""
         now = time.time()
         if self.last_time is not None:
             self.timed_seconds += now - self.last_time
-            self.timed_steps += 1
+            self.timed_steps += steps
         self.last_time = now
-        self.global_step += 1
-        self.window_losses.append(loss)
+        self.global_step += steps
 
     def images_per_second(self):
         if self.timed_steps == 0:
@@ -80,10 +78,8 @@ class ProgressMeter:
             return None
         return (self.total_steps - self.global_step) * self.timed_seconds / self.timed_steps
 
-    def line(self, epoch, step_in_epoch, lr):
-        """The progress record since the last call: dict and formatted text."""
-        loss = sum(self.window_losses) / max(len(self.window_losses), 1)
-        self.window_losses = []
+    def line(self, epoch, step_in_epoch, loss, lr):
+        """The progress record (``loss``: mean training loss since the last line): dict and formatted text."""
         eta = self.eta_seconds()
         record = {"type": "train", "epoch": epoch + 1, "step": step_in_epoch, "global_step": self.global_step,
                   "loss": loss, "lr": lr, "images_per_s": self.images_per_second(), "eta_s": eta}
@@ -91,6 +87,74 @@ class ProgressMeter:
                 f"loss {loss:.4f} lr {lr:.3e} {record['images_per_s']:.1f} img/s "
                 f"eta {format_duration(eta) if eta is not None else '?'}")
         return record, text
+
+
+class RateProgress:
+    """Progress of a job over a known number of items (validation, evaluation, the image check, export):
+    a line every ``interval_s`` seconds with done/total, items/s and ETA, and a final line.
+
+    Args:
+        report: callable taking one line of text (e.g. ``log.info`` or ``print``); None: silent.
+        what: what is being done, e.g. 'validation'; unit: item name for the rate, e.g. 'img'.
+    """
+
+    def __init__(self, report, total, what, unit="img", interval_s=10.0):
+        self.report = report
+        self.total = int(total)
+        self.what = what
+        self.unit = unit
+        self.interval_s = interval_s
+        self.done = 0
+        self.start = time.time()
+        self.last_report = self.start
+
+    def rate(self, now=None):
+        elapsed = (time.time() if now is None else now) - self.start
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def text(self, now=None):
+        rate = self.rate(now)
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        return (f"{self.what}: {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
+                f"eta {format_duration(eta) if eta is not None else '?'}")
+
+    def update(self, count):
+        """``count`` more items done; reports when ``interval_s`` has passed since the last line."""
+        self.done += count
+        now = time.time()
+        if self.report is not None and now - self.last_report >= self.interval_s and self.done < self.total:
+            self.last_report = now
+            self.report(self.text(now))
+
+    def finish(self):
+        """Reports the final line: items, time and rate. Returns it."""
+        now = time.time()
+        line = (f"{self.what}: {self.done} {self.unit} in {now - self.start:.1f} s "
+                f"({self.rate(now):.1f} {self.unit}/s)")
+        if self.report is not None:
+            self.report(line)
+        return line
+
+
+class StageProgress:
+    """Progress of a job made of a few long stages (export: build, compile and run, write, reload and check):
+    ``next(text)`` reports 'what [k/n] text (t s so far)'; ``finish()`` the total time."""
+
+    def __init__(self, report, stages, what):
+        self.report = report
+        self.stages = stages
+        self.what = what
+        self.index = 0
+        self.start = time.time()
+
+    def next(self, text):
+        self.index += 1
+        if self.report is not None:
+            self.report(f"{self.what} [{self.index}/{self.stages}] {text} ({time.time() - self.start:.1f} s so far)")
+
+    def finish(self, text="done"):
+        if self.report is not None:
+            self.report(f"{self.what}: {text} in {time.time() - self.start:.1f} s")
 
 
 class MetricsWriter:

@@ -23,10 +23,9 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data import DataError, check_same_classes, eval_dataset, scan_split, steps_per_epoch, train_dataset
+from .data import DataError, find_bad_images, image_checker, steps_per_epoch
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
-from .metrics import evaluate
 from .runtime import (build_model, check_input_size, check_writable_folder, init_distributed, model_kwargs,
                       setup_context)
 
@@ -88,17 +87,21 @@ class Trainer:
             self.log.info(f"removed {len(debris)} partial checkpoint file(s) of an interrupted save: "
                           + ", ".join(os.path.basename(path) for path in debris))
 
-        # data first: a bad dataset fails before any compilation
-        self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
-        self.val_index = None
-        if cfg.val_split:
-            self.val_index = scan_split(cfg.data_dir, cfg.val_split, cfg.verify_images, cfg.bad_images)
-            check_same_classes(self.train_index, self.val_index)
-        self.class_names = self.train_index.classes
+        # the task (engine/tasks) says which data, loss and metrics; data first: a bad dataset fails before
+        # any compilation (the image check runs on rank 0 only, see _check_images)
+        from .tasks import resolve, task_options
+        self.task = resolve(cfg)
+        self.task_options = task_options(cfg, self.task)
+        self.sync = None
+        if self.group_size > 1:
+            from .step import RankSync
+            self.sync = RankSync(self.group_size)
+        with image_checker(self._check_images):
+            self.train_index, self.val_index, self.class_names = self.task.scan(cfg)
         self.num_classes = cfg.num_classes or len(self.class_names)
         if self.num_classes < len(self.class_names):
             raise ConfigError(f"option 'num_classes'={self.num_classes} is smaller than the "
-                              f"{len(self.class_names)} class folders of {self.train_index.root}")
+                              f"{len(self.class_names)} classes of {cfg.data_dir}")
         self.steps_per_epoch = steps_per_epoch(len(self.train_index), cfg.batch_size, self.group_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.global_batch = cfg.batch_size * self.group_size
@@ -113,9 +116,11 @@ class Trainer:
         if self.group_size > 1:
             # identical starting point on every rank (random init differs per process unless seeded alike)
             self.sync.broadcast([param for _, param in self._state_params()])
-        self.history = []  # (global_step, loss) of every step run by this process
+        # (global_step, loss) of every step run by this process (with data sinking: of each sunk call's last step)
+        self.history = []
         self.skipped_steps = 0  # updates skipped for non-finite gradients (dynamic loss scaling)
-        self.consecutive_overflows = 0
+        self.sinking = cfg.data_sink and self.ms.get_context("device_target") in ("Ascend", "GPU")
+        self._sink_note_logged = False
 
     # ---- construction -------------------------------------------------------------------------------
     def _prepare_output_dir(self):
@@ -151,6 +156,20 @@ class Trainer:
             debris = ckpt.remove_temp_files(self.save_dir)
         return removed, debris
 
+    def _check_images(self, index):
+        """The image check (cached) on rank 0 only: the other ranks learn how many files failed through one
+        all-reduce, and check themselves (from the cache on the same machine) only when files are to be
+        skipped. Returns [(path, reason)] of the unreadable files."""
+        if self.sync is None:
+            return find_bad_images(index)
+        bad = find_bad_images(index) if self.rank == 0 else None
+        count = int(round(self.sync.sum([len(bad) if bad is not None else 0])[0]))
+        if bad is not None or not count:
+            return bad or []
+        if self.cfg.bad_images == "fail":  # rank 0 lists them and stops with the same error
+            return [(index.root, f"rank 0 found {count} unreadable image(s) here (listed in its log)")]
+        return find_bad_images(index)
+
     def _build_model(self):
         import mindspore as ms
         from mindspore import amp
@@ -169,9 +188,8 @@ class Trainer:
 
     def _build_step(self):
         from mindspore import nn
-        from .losses import SmoothedCrossEntropy
         from .optim import create_optimizer, optimizer_state
-        from .step import EMA, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
+        from .step import EMA, BatchRandomErasing, MonitoredStep, TrainStep, create_loss_scaler, loss_scaler_state
         cfg = self.cfg
         self.optimizer, self.schedule, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
@@ -180,13 +198,15 @@ class Trainer:
         self.loss_scaler = create_loss_scaler(cfg.loss_scale, cfg.loss_scale_value, cfg.loss_scale_window)
         self.scaler_state = loss_scaler_state(self.loss_scaler)
         reducer = None
-        self.sync = None
         if self.group_size > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.group_size)
-            self.sync = RankSync(self.group_size)
-        loss = SmoothedCrossEntropy(cfg.label_smoothing)
-        self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
-                                    cfg.clip_grad_norm, self.ema, reducer, self.group_size)
+        net_with_loss = self.task.loss_network(self.network, cfg, self.num_classes)
+        # random erasing on the device; the classification pipeline (engine.data) supplies its draws
+        eraser = BatchRandomErasing(cfg.random_erasing) if cfg.random_erasing > 0 and \
+            self.task.NAME == "classification" else None
+        self.train_step = TrainStep(net_with_loss, self.optimizer, self.loss_scaler,
+                                    cfg.clip_grad_norm, self.ema, reducer, self.group_size, eraser)
+        self.monitored = MonitoredStep(self.train_step)
 
     # ---- state and checkpoints ----------------------------------------------------------------------
     def _state_params(self):
@@ -199,7 +219,7 @@ class Trainer:
         return state
 
     def _meta(self):
-        return {"model": self.cfg.model, "num_classes": self.num_classes, "class_names": self.class_names,
+        return {"model": self.cfg.model, "task": self.task.NAME, "num_classes": self.num_classes, "class_names": self.class_names,
                 "epochs_done": self.epochs_done, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step(), "steps_per_epoch": self.steps_per_epoch,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "config": self.cfg.to_yaml(),
@@ -231,7 +251,8 @@ class Trainer:
             return None
         return f"{self.last_checkpoint} (step {self.last_checkpoint_step})"
 
-    def _save_last(self, reason):
+    def _save_last(self, reason, progress=None):
+        self._read_window(progress)  # the steps since the last read must be finite before the state is saved
         path = self._save(LAST)
         if path:
             self.last_checkpoint, self.last_checkpoint_step = path, self.global_step()
@@ -302,11 +323,14 @@ class Trainer:
                       f"epoch, global step {self.global_step()}")
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def _predict(self, images):
-        return self.network(self.ms.Tensor(images)).asnumpy()
-
     def validate(self):
-        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema)."""
+        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema): the task's
+        ``validate`` result, holding its PRIMARY_METRIC (top1 for classification).
+
+        With data parallel and a task that shards its validation (``SHARDED_VALIDATION``), each rank evaluates
+        every ``group_size``-th image and the counts are summed over the ranks: the numbers of one process
+        evaluating the whole split.
+        """
         if self.val_index is None:
             return None
         use_ema = self.ema is not None and self.cfg.eval_ema
@@ -317,14 +341,19 @@ class Trainer:
                 raw[name].set_data(self.ms.Tensor(ema_param.asnumpy()))
         self.network.set_train(False)
         try:
-            dataset = eval_dataset(self.cfg, self.val_index)
-            meter = evaluate(self._predict, dataset, self.num_classes)
+            if getattr(self.task, "SHARDED_VALIDATION", False):
+                result = self.task.validate(self.network, self.cfg, self.val_index, self.num_classes,
+                                            num_shards=self.group_size, shard_id=self.rank,
+                                            sum_counts=self.sync.sum if self.sync is not None else None,
+                                            report=self.log.info)
+            else:
+                result = self.task.validate(self.network, self.cfg, self.val_index, self.num_classes)
         finally:
             self.network.set_train(True)
             if use_ema:
                 for param, value in originals:
                     param.set_data(self.ms.Tensor(value))
-        return meter.result()
+        return result
 
     # ---- training -----------------------------------------------------------------------------------
     def _log_setup(self):
@@ -345,24 +374,80 @@ class Trainer:
                       f"weight decay {cfg.weight_decay} on {info['decayed']} tensors "
                       f"({info['not_decayed']} without)")
 
-    def _check_finite(self, loss, grads_finite, step, epoch):
-        """Stop on a NaN/inf loss, on non-finite gradients without dynamic loss scaling, or on too many
-        consecutive overflows with it (the scale cannot recover)."""
-        where = (step, epoch, self.step_in_epoch, self._last_good_description())
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"training loss is {loss}", *where)
-        if grads_finite:
-            self.consecutive_overflows = 0
-            return
-        self.skipped_steps += 1
-        self.consecutive_overflows += 1
-        if self.cfg.loss_scale != "dynamic":
-            raise TrainingDiverged(f"gradients are not finite (loss {loss:.4g})", *where)
-        if self.consecutive_overflows > MAX_CONSECUTIVE_OVERFLOWS:
-            raise TrainingDiverged(f"gradients overflowed {self.consecutive_overflows} steps in a row", *where)
+    # the host waits for the device only here: log lines, checkpoints, epoch ends
+    def _read_window(self, progress=None):
+        """Wait for the device and take the statistics of the steps run since the last read: history,
+        loss sums, lr, skipped updates; stop (TrainingDiverged) on a non-finite loss, on non-finite gradients
+        without dynamic loss scaling, or on too many consecutive overflows with it (the scale cannot recover).
+        """
+        values = self.monitored.read()
+        start, count = self._window_start, values["steps"]
+        losses = [(step, float(loss.asnumpy())) for step, loss in self._pending]
+        self._pending = []
+        self.history.extend(losses)
+        self._window_start += count
+        self.skipped_steps += values["overflows"]
+        self._log_sum, self._log_steps = self._log_sum + values["loss_sum"], self._log_steps + count
+        self._epoch_sum, self._epoch_steps = self._epoch_sum + values["loss_sum"], self._epoch_steps + count
+        if count:
+            self._lr = values["lr"]
+        if progress is not None:
+            progress.synced(count)
+        by_step = dict(losses)
+        problems = []
+        if values["first_bad_loss"]:
+            step = start + values["first_bad_loss"]
+            loss = by_step.get(step)
+            problems.append((step, f"training loss is {loss if loss is not None else 'NaN or inf'}"))
+        if values["first_overflow"] and self.cfg.loss_scale != "dynamic":
+            step = start + values["first_overflow"]
+            loss = by_step.get(step)
+            problems.append((step, "gradients are not finite" + (f" (loss {loss:.4g})" if loss is not None else "")))
+        if values["max_consecutive"] > MAX_CONSECUTIVE_OVERFLOWS:
+            problems.append((start + count, f"gradients overflowed {values['max_consecutive']} steps in a row"))
+        if problems:
+            step, what = min(problems, key=lambda problem: problem[0])  # the earliest; a bad loss first
+            epoch = (step - 1) // self.steps_per_epoch
+            raise TrainingDiverged(what, step, epoch, step - epoch * self.steps_per_epoch,
+                                   self._last_good_description())
+
+    def _effective_sink_size(self, start_in_epoch):
+        """Steps per call: 1 for the host loop; with data sinking ``sink_size``, lowered to the greatest common
+        divisor with every distance at which the host acts (log lines, epoch end, a mid-epoch start,
+        save_every_steps, stop_at_step), so that sunk calls end exactly there."""
+        cfg = self.cfg
+        if not self.sinking:
+            return 1
+        size = math.gcd(math.gcd(cfg.sink_size, self.steps_per_epoch), cfg.log_interval)
+        start_global = self.epochs_done * self.steps_per_epoch + start_in_epoch
+        for distance in (start_in_epoch, cfg.save_every_steps,
+                         (cfg.stop_at_step or 0) - start_global):
+            if distance > 0:
+                size = math.gcd(size, distance)
+        if size != cfg.sink_size and not self._sink_note_logged:
+            self._sink_note_logged = True
+            self.log.info(f"data sink: {size} step(s) per call (sink_size {cfg.sink_size} must divide the steps "
+                          f"per epoch {self.steps_per_epoch}, log_interval {cfg.log_interval} and the checkpoint "
+                          f"and stop steps)")
+        return size
+
+    def _steps_runner(self, dataset, size):
+        """A callable that runs ``size`` training steps and returns the last step's loss (a device tensor):
+        one sunk call through ``ms.data_sink`` on Ascend/GPU, the next batch from the host iterator on CPU."""
+        if self.sinking:
+            return self.ms.data_sink(self.monitored, dataset, sink_size=size, jit_config=self.ms.JitConfig())
+        iterator = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
+
+        def run():
+            return self.monitored(*next(iterator))  # images, labels (, random-erasing draws)
+        return run
 
     def fit(self):
-        """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict."""
+        """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict.
+
+        The host does not wait for the device per step: losses, lr and the non-finite flags stay on the device
+        (``MonitoredStep``) and are read at log intervals, before every checkpoint and at epoch ends.
+        """
         cfg = self.cfg
         if self.writer:
             os.makedirs(self.output_dir, exist_ok=True)
@@ -370,32 +455,44 @@ class Trainer:
                 handle.write(cfg.to_yaml())
         self._log_setup()
         start = time.time()
+        self._window_start = self._host_step = self.global_step()
+        self._pending, self._log_sum, self._log_steps, self._lr = [], 0.0, 0, float("nan")
+        self.monitored.read()  # a fresh window
         progress = ProgressMeter(self.log, self.total_steps, self.steps_per_epoch, cfg.epochs, self.global_batch,
-                                 start_step=self.global_step())
+                                 start_step=self._window_start)
         last_val = None
         stopped_early = False
         self.network.set_train(True)
         while self.epochs_done < cfg.epochs:
             epoch = self.epochs_done
-            epoch_start, epoch_losses = time.time(), []
-            dataset = train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch, self.group_size,
-                                    self.rank)
+            epoch_start = time.time()
+            self._epoch_sum, self._epoch_steps = 0.0, 0
+            dataset = self.task.train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch,
+                                              self.group_size, self.rank)
             if self.step_in_epoch:
                 dataset = dataset.skip(self.step_in_epoch)
+            size = self._effective_sink_size(self.step_in_epoch)
+            run = self._steps_runner(dataset, size)
             progress.start_epoch()
-            lr = float("nan")
-            for images, labels in dataset.create_tuple_iterator(num_epochs=1):
-                loss, lr_tensor, grads_finite = self.train_step(images, labels)
-                loss = float(loss.asnumpy())
-                self.step_in_epoch += 1
-                progress.step(loss)
-                step = self.global_step()
-                self._check_finite(loss, bool(grads_finite.asnumpy()), step, epoch)
-                lr = float(lr_tensor.asnumpy().reshape(-1)[0])
-                self.history.append((step, loss))
-                epoch_losses.append(loss)
-                if self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    record, text = progress.line(epoch, self.step_in_epoch, lr)
+            first_call = True
+            while self.step_in_epoch < self.steps_per_epoch:
+                try:
+                    loss = run()
+                except StopIteration:
+                    raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
+                                    f"{self.steps_per_epoch}") from None
+                self.step_in_epoch += size
+                self._host_step += size
+                step = self._host_step
+                self._pending.append((step, loss))
+                log_due = self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch
+                if first_call or log_due:  # the first wait of an epoch starts its timing
+                    self._read_window(progress)
+                    first_call = False
+                if log_due:
+                    record, text = progress.line(epoch, self.step_in_epoch, self._log_sum / max(self._log_steps, 1),
+                                                 self._lr)
+                    self._log_sum, self._log_steps = 0.0, 0
                     self.log.info(text)
                     self.metrics.write(record)
                 if self.step_in_epoch == self.steps_per_epoch:
@@ -404,13 +501,10 @@ class Trainer:
                     stopped_early = True
                     break
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    self._save_last(f"every {cfg.save_every_steps} steps")
+                    self._save_last(f"every {cfg.save_every_steps} steps", progress)
             if stopped_early:
-                self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
                 break
-            if self.step_in_epoch != self.steps_per_epoch:
-                raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
-                                f"{self.steps_per_epoch}")
             self.epochs_done += 1
             self.step_in_epoch = 0
             if self.sync is not None:  # norm statistics were computed on each rank's own shard
@@ -418,37 +512,39 @@ class Trainer:
                 if self.ema is not None:
                     self.sync.average(list(self.ema.params))
             record = {"type": "epoch", "epoch": self.epochs_done, "global_step": self.global_step(),
-                      "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None, "lr": lr,
+                      "train_loss": self._epoch_sum / self._epoch_steps if self._epoch_steps else None,
+                      "lr": self._lr,
                       "epoch_time_s": time.time() - epoch_start}
             last_epoch = self.epochs_done == cfg.epochs
             self._check_state_finite()
             if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
                 last_val = self.validate()
-                record.update(val_top1=last_val["top1"], val_top5=last_val["top5"], val_loss=last_val["loss"])
-                improved = self.best_top1 is None or last_val["top1"] > self.best_top1
+                record.update(self.task.record(last_val))
+                score = last_val[self.task.PRIMARY_METRIC]  # best_top1 holds the task's primary metric
+                improved = self.best_top1 is None or score > self.best_top1
                 if improved:
-                    self.best_top1, self.best_epoch = last_val["top1"], self.epochs_done
-                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} val top-1 {last_val['top1']:.2f}% top-5 "
-                              f"{last_val['top5']:.2f}% loss {last_val['loss']:.4f} (best {self.best_top1:.2f}% "
-                              f"at epoch {self.best_epoch}); epoch time {format_duration(record['epoch_time_s'])}")
+                    self.best_top1, self.best_epoch = score, self.epochs_done
+                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} {self.task.describe(last_val)} (best "
+                              f"{self.task.PRIMARY_METRIC} {self.best_top1:.2f} at epoch {self.best_epoch}); "
+                              f"epoch time {format_duration(record['epoch_time_s'])}")
                 if improved:
                     self._save(BEST)
             record["best_top1"] = self.best_top1
             self.metrics.write(record)
             step_due = cfg.save_every_steps and self.global_step() % cfg.save_every_steps == 0
             if self.epochs_done % cfg.save_every_epochs == 0 or last_epoch or step_due:
-                self._save_last(f"epoch {self.epochs_done}")
+                self._save_last(f"epoch {self.epochs_done}", progress)
             if cfg.plot and self.writer:
                 plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
                             self.log if self.epochs_done == 1 else None)
             if cfg.stop_at_step and self.global_step() >= cfg.stop_at_step and not last_epoch:
                 stopped_early = True
                 if not (self.epochs_done % cfg.save_every_epochs == 0 or step_due):
-                    self._save_last(f"stop_at_step {cfg.stop_at_step}")
+                    self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
                 break
         elapsed = time.time() - start
         self.log.info(f"finished at step {self.global_step()} in {format_duration(elapsed)}"
-                      + (f"; best val top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})"
+                      + (f"; best val {self.task.PRIMARY_METRIC} {self.best_top1:.2f} (epoch {self.best_epoch})"
                          if self.best_top1 is not None else ""))
         return {"global_step": self.global_step(), "epochs_done": self.epochs_done, "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch, "last_val": last_val, "time_s": elapsed,

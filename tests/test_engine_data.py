@@ -161,7 +161,92 @@ def test_unreadable_image_fails_by_default(tmp_path):
         scan_split(broken_folder(tmp_path), "train")
 
 
-def test_unreadable_image_skipped_with_count(tmp_path, caplog):
+def write_jpegs(folder, count, size=64, seed=0):
+    """``count`` noisy colour JPEGs of ``size`` px in ``folder``; returns their paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = os.path.join(folder, f"{index:03d}.jpg")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def test_late_truncated_jpeg_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACMIX_CACHE_DIR", str(tmp_path / "cache"))
+    paths = write_jpegs(str(tmp_path / "train" / "a"), 3)
+    data = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(data[:int(len(data) * 0.9)])  # header and 90 % of the scan data intact
+    with Image.open(paths[1]) as image:
+        image.verify()  # the header check alone does not notice
+    with pytest.raises(DataError, match=r"(?s)1 unreadable image.*001.jpg.*truncated"):
+        scan_split(str(tmp_path), "train")
+
+
+@pytest.fixture
+def engine_logs_propagate(monkeypatch):
+    """caplog sees engine.data records even after a Trainer in this process stopped "engine" propagating."""
+    import logging
+    monkeypatch.setattr(logging.getLogger("engine"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("engine.data"), "propagate", True)
+
+
+def test_image_check_runs_once_per_dataset(tmp_path, monkeypatch, caplog, engine_logs_propagate):
+    import engine.data as data
+    monkeypatch.setenv("ACMIX_CACHE_DIR", str(tmp_path / "cache"))
+    root = broken_folder(tmp_path)
+    with caplog.at_level("INFO", logger="engine.data"):
+        first = scan_split(root, "train", bad_images="skip")
+    assert "image check of" in caplog.text and "img/s" in caplog.text  # progress with the rate
+    decoded = []
+    monkeypatch.setattr(data, "_image_problem", lambda path: decoded.append(path))
+    again = scan_split(root, "train", bad_images="skip")  # from the cache: nothing decoded
+    assert decoded == [] and again.samples == first.samples and len(again.bad_files) == 1
+    with pytest.raises(DataError, match="broken.png"):
+        scan_split(root, "train")
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"also not an image, but longer")  # changed file
+    scan_split(root, "train", bad_images="skip")
+    assert len(decoded) == 9  # a changed split is checked again
+
+
+def test_fused_decode_crop_equals_decode_then_crop(tmp_path):
+    """RandomCropDecodeResize (the training pipeline's op) against Decode + RandomResizedCrop, same seed."""
+    import mindspore.dataset as ds
+    from mindspore.dataset import vision
+    from engine.data import train_transforms
+    write_jpegs(str(tmp_path / "train" / "a"), 4, size=80)
+    write_generated_split(str(tmp_path), "train", ["b"], 4, size=40)
+    cfg = tiny_train_config(str(tmp_path), None, scale=[0.2, 1.0], hflip=0.0)
+    reference = [vision.Decode(), vision.RandomResizedCrop(32, scale=(0.2, 1.0), ratio=tuple(cfg.ratio))]
+    fused = train_transforms(cfg)[:1]
+    assert isinstance(fused[0], vision.RandomCropDecodeResize)
+    outputs = []
+    for ops in (reference, fused):
+        ds.config.set_seed(11)
+        dataset = ds.ImageFolderDataset(str(tmp_path / "train"), shuffle=False, decode=False)
+        dataset = dataset.map(ops, input_columns="image", num_parallel_workers=1)
+        outputs.append(np.stack([row["image"] for row in dataset.create_dict_iterator(output_numpy=True)]))
+    assert outputs[0].shape == (8, 32, 32, 3)
+    jpeg, png = slice(0, 4), slice(4, 8)  # class 'a' holds the JPEGs
+    np.testing.assert_array_equal(outputs[1][png], outputs[0][png])
+    # JPEG: the fused op decodes only the crop window, which changes a few values slightly (decoder rounding)
+    difference = np.abs(outputs[1][jpeg].astype(np.int32) - outputs[0][jpeg])
+    print("JPEG: share of differing values", (difference > 0).mean(), "mean |diff|", difference.mean())
+    assert (difference > 0).mean() < 0.05 and difference.mean() < 0.2
+
+
+def test_worker_count_from_the_machine(monkeypatch):
+    from engine.data import MAX_AUTO_WORKERS, available_cores, worker_count
+    cores = available_cores()
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
+    assert worker_count() == max(1, min(MAX_AUTO_WORKERS, cores))
+    monkeypatch.setenv("MS_WORKER_NUM", str(cores * 2))  # more processes than cores: one worker each
+    assert worker_count() == 1
+    assert worker_count(10 ** 6) == cores and worker_count(1) == 1
+
+
+def test_unreadable_image_skipped_with_count(tmp_path, caplog, engine_logs_propagate):
     root = broken_folder(tmp_path)
     with caplog.at_level("WARNING", logger="engine.data"):
         index = scan_split(root, "train", bad_images="skip")
@@ -197,8 +282,9 @@ def test_grey_single_channel_input(image_folder):
 def test_mixup_cutmix_give_soft_labels(image_folder):
     root, _ = image_folder
     cfg = tiny_train_config(root, None, mixup=0.8, cutmix=1.0, randaugment_ops=2, random_erasing=0.5)
-    _, labels = first_batch(train_dataset(cfg, scan_split(root, "train"), 10, seed=0))
+    images, labels, erase_draws = first_batch(train_dataset(cfg, scan_split(root, "train"), 10, seed=0))
     assert labels.shape == (16, 10) and labels.dtype == np.float32
+    assert erase_draws.shape == (16, 41) and ((erase_draws >= 0) & (erase_draws < 1)).all()  # random erasing
     np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
     assert ((labels > 0) & (labels < 1)).any()  # some rows really mix two classes
 
@@ -239,6 +325,20 @@ def test_shards_are_disjoint_and_cover_the_split(image_folder):
     assert len(seen[0]) == len(seen[1]) == 150
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == 300
+
+
+def test_validation_shards_hold_every_image_once(image_folder):
+    root, _ = image_folder
+    cfg = tiny_train_config(root, None, batch_size=7)
+    index = scan_split(root, "val")
+    whole = [images for images, _ in eval_dataset(cfg, index).create_tuple_iterator(num_epochs=1,
+                                                                                    output_numpy=True)]
+    whole = np.concatenate(whole)
+    shards = [np.concatenate([images for images, _ in eval_dataset(cfg, index, num_shards=3, shard_id=rank)
+                              .create_tuple_iterator(num_epochs=1, output_numpy=True)]) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [34, 33, 33]
+    for rank, shard in enumerate(shards):  # every 3rd image from position `rank` on, in file order
+        np.testing.assert_array_equal(shard, whole[rank::3])
 
 
 def test_steps_per_epoch_and_too_small_dataset():

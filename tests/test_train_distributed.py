@@ -1,4 +1,5 @@
 """Scripts run as programs: data-parallel train.py under msrun (2 CPU workers, loopback), CLI entry points."""
+import json
 import os
 import shutil
 import socket
@@ -8,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+import eval as eval_script
 from conftest import ROOT, TEST_MODEL
 from engine import checkpoint as ckpt
+from engine.logger import read_metrics
 
 LAUNCHER = """import runpy, sys
 sys.path.insert(0, {tests!r})
@@ -64,7 +67,17 @@ def test_msrun_two_cpu_workers_keep_identical_weights(image_folder, tmp_path):
     # only rank 0 writes logs and metrics
     assert {"train.log", "metrics.jsonl", "config.yaml"} <= set(os.listdir(out))
     assert sorted(os.listdir(os.path.join(out, "rank_1"))) == ["best.ckpt", "last.ckpt"]  # checkpoints only
-    assert "val top-1" in open(os.path.join(out, "train.log")).read()
+    log = open(os.path.join(out, "train.log")).read()
+    assert "val top-1" in log and "validation (rank 0 of 2, 50 of 100 images)" in log
+
+    # validation was sharded over the ranks (counts summed): exactly what one process measures on all images
+    last = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["type"] == "epoch"][-1]
+    single = eval_script.main(["--checkpoint", os.path.join(out, "last.ckpt"), "--json", str(tmp_path / "e.json")])
+    assert single == 0
+    result = json.load(open(tmp_path / "e.json"))
+    assert result["count"] == 100
+    assert (last["val_top1"], last["val_top5"]) == (result["top1"], result["top5"])
+    assert last["val_loss"] == pytest.approx(result["loss"], rel=1e-6)
 
 
 def test_scripts_run_as_programs(tmp_path):

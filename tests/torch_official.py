@@ -110,11 +110,15 @@ class OfficialResNetACmix(nn.Module):
                    for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> layer4 output (B, 4 * widths[-1], H/32, W/32)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return x
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,11 +286,17 @@ class OfficialSwinACmix(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> normed last-stage tokens as a map (B, C, h, w)."""
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x).mean(1))
+        b, length, c = x.shape
+        side = int(round(length ** 0.5))
+        return self.norm(x).transpose(1, 2).reshape(b, c, side, side)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((2, 3)))
 
 
 def randomize_(module, seed=0):
@@ -310,3 +320,41 @@ def randomize_(module, seed=0):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * (0.5 / math.sqrt(fan_in)
                                                                          if tensor.ndim > 1 else 0.1))
     return module
+
+
+def sensitive_init_(module, calibration, seed=0):
+    """Random weights under which every layer of a whole network visibly shapes its output (network parity).
+
+    ``randomize_`` shrinks each layer's output (weights 0.5 / sqrt(fan_in), BN statistics near 0 / 1): in a
+    ResNet the input's effect on the logits fades to ~1e-6 and a wrong layer goes unseen. Here instead:
+    weights are variance preserving (He normal, N(0, 2 / fan_in)); norm scales U(0.6, 1.4), biases and
+    shifts N(0, 0.2^2); ACmix rates distinct and away from their 0.5 init (rate1 U(0.15, 0.35), rate2
+    U(0.65, 0.85), so swapping them shows); then every BatchNorm gets as running statistics the batch
+    statistics of ``calibration`` (a (B, C, H, W) tensor) flowing through the network, so each BN in
+    eval mode renormalises its input to about (beta, gamma^2) instead of amplifying or erasing it.
+    Returns the module in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "rate1":
+                tensor.copy_(0.15 + 0.2 * torch.rand(tensor.shape, generator=gen))
+            elif leaf == "rate2":
+                tensor.copy_(0.65 + 0.2 * torch.rand(tensor.shape, generator=gen))
+            elif tensor.ndim > 1 and "relative_position_bias_table" not in name:
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * math.sqrt(2.0 / fan_in))
+            elif leaf == "weight":  # BatchNorm / LayerNorm scale
+                tensor.copy_(0.6 + 0.8 * torch.rand(tensor.shape, generator=gen))
+            else:  # biases, norm shifts, position tables
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen))
+        norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average: one batch sets exactly its statistics
+        module.train()
+        module(calibration)
+        for norm in norms:
+            norm.momentum = 0.1
+    return module.eval()
