@@ -102,7 +102,12 @@ def make_exportable(model, attention_impl="unfold"):
     if switched:
         print(f"{switched} sliding-window attention layer(s) ran a device kernel ({backends}): exported with "
               f"attention_impl='{attention_impl}' (standard operators, same weights and results)")
-    return switched
+    from models.layers import set_fused_kernels
+    fused = set_fused_kernels(model, False)  # transformer layers (GELU) with a CPU kernel
+    if fused:
+        print(f"{fused} transformer layer(s) ran a fused CPU kernel: exported with standard operators "
+              "(same results)")
+    return switched + fused
 
 
 def _as_arrays(output):

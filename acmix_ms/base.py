@@ -13,6 +13,32 @@ from .validation import check_choice, check_odd, check_rates
 RATE_MODES = ("learnable", "fixed", "attention", "conv")
 
 
+class GroupConv(nn.Cell):
+    """(x (B, d*G, H, W), weight (C, G, k, k)) -> zero-padded 'same' group convolution (groups = d), stride s.
+
+    The portable implementation (every backend, MindSpore's own gradients); ``group_conv`` picks the CPU one.
+    """
+
+    def __init__(self, kernel_size, stride, groups):
+        super().__init__()
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+
+    def construct(self, x, weight):
+        return ops.conv2d(x, weight, None, self.stride, "pad", self.kernel_size // 2, 1, self.groups)
+
+
+def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_target=None):
+    """The conv path's group convolution: ``acmix_ms.kernels.conv_path_cpu.CpuGroupConv`` (same forward, faster
+    backward) on CPU where the C++ kernel builds, else ``GroupConv`` (GPU, Ascend, no compiler)."""
+    if (device_target or ms.get_context("device_target")) == "CPU":
+        try:
+            from .kernels.conv_path_cpu import CpuGroupConv  # compiles the C++ at first use
+            return CpuGroupConv(in_channels, out_channels, kernel_size, stride, groups)
+        except (RuntimeError, OSError):  # KernelBuildError (no compiler) is a RuntimeError
+            pass
+    return GroupConv(kernel_size, stride, groups)
+
+
 class ACmixBase(nn.Cell):
     """Holds ``fc``, ``dep_conv`` and the rates; subclasses call ``conv_path`` and ``mix``.
 
@@ -43,6 +69,8 @@ class ACmixBase(nn.Cell):
             k2 = kernel_conv * kernel_conv
             self.fc = nn.Conv2d(num_groups, k2, 1, has_bias=fc_bias)
             self.dep_conv = ShiftConv(head_dim, kernel_conv, out_channels, shift_impl, stride)
+            if shift_impl != "tensor":  # the fc and the shift conv run as one group conv (fused_conv)
+                self.group_conv = group_conv(head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
         if rate_mode == "learnable":
             self.rate1 = Parameter(Tensor([rate1], ms.float32), name="rate1")
             self.rate2 = Parameter(Tensor([rate2], ms.float32), name="rate2")
@@ -56,11 +84,59 @@ class ACmixBase(nn.Cell):
             groups: (B, G, d, H*W) — the projected features split into G groups of width d.
         Returns:
             (B, out_channels, ceil(H/s), ceil(W/s)).
+
+        With a group-convolution shift (every ``shift_impl`` but ``'tensor'``) the fc and the shift conv are
+        applied as ONE group convolution whose weight ``fused_conv_weight`` is composed from both every call:
+        the same linear map (see ``fused_conv_weight``), one convolution instead of a 1x1 conv on a
+        (d, H*W) "image", a transpose and the shift conv. ``'tensor'`` keeps the explicit two steps.
         """
-        batch, _, head_dim, _ = groups.shape
-        maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
-        maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
-        return self.dep_conv(maps)
+        batch, num_groups, head_dim, _ = groups.shape
+        if self.shift_impl == "tensor":
+            maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
+            maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
+            return self.dep_conv(maps)
+        # channel j * G + g holds group g of channel j: group j of the convolution sees its G inputs together
+        stacked = groups.transpose(0, 2, 1, 3).reshape(batch, head_dim * num_groups, height, width)
+        return self.fused_conv(stacked, height, width)
+
+    def fused_conv_weight(self, dtype, scale=None):
+        """The fc followed by the shift conv as one group-conv weight (out_channels, G, k, k), groups = d.
+
+        fc: maps[p, j] = sum_g fc[p, g] * group g of channel j (+ bias[p]); shift conv (groups = d): output
+        o = j * (out_channels / d) + m sums dep[o, p, u, v] * maps[p, j] over p and the k x k window. So
+        output o sums K[o, g, u, v] * (group g of channel j) with K[o, g, u, v] = sum_p dep[o, p, u, v] * fc[p, g].
+        ``scale`` (a (1,) tensor of ``dtype`` or a Python float, e.g. rate2) multiplies the weight (and the bias term).
+        """
+        k2, num_groups = self.fc.weight.shape[0], self.fc.weight.shape[1]
+        kernel = self.kernel_conv
+        fc = ops.cast(self.fc.weight, dtype).reshape(k2, num_groups)
+        dep = ops.cast(self.dep_conv.weight, dtype).reshape(-1, k2, kernel * kernel)  # (C, k*k, k*k)
+        if scale is not None:
+            fc = fc * scale
+        return ops.matmul(fc.transpose(1, 0), dep).reshape(-1, num_groups, kernel, kernel)  # (C, G, k, k)
+
+    def fused_conv(self, stacked, height, width, scale=None):
+        """The conv path on channel-major groups: stacked (B, d*G, H, W), channel j*G + g -> (B, C, H', W').
+
+        ``scale``: optional (1,) factor (rate2) folded into the weight instead of multiplying the output.
+        """
+        dtype = stacked.dtype
+        weight = self.fused_conv_weight(dtype, scale)
+        pad, stride = self.kernel_conv // 2, self.dep_conv.stride
+        out = self.group_conv(stacked, weight)
+        if self.fc.bias is None:
+            return out
+        # the fc bias is a constant map per kernel position; the shift conv's zero padding makes its
+        # contribution position dependent at the borders: the shift conv of the constant maps
+        k2, kernel = self.fc.weight.shape[0], self.kernel_conv
+        bias = ops.cast(self.fc.bias, dtype).reshape(1, k2)
+        if scale is not None:
+            bias = bias * scale
+        dep = ops.cast(self.dep_conv.weight, dtype).reshape(-1, k2, kernel * kernel)
+        bias_weight = ops.matmul(bias, dep).reshape(-1, 1, kernel, kernel)  # (C, 1, k, k)
+        ones = ops.ones((1, 1, height, width), dtype)
+        bias_map = ops.conv2d(ones, bias_weight, None, stride, "pad", pad)  # (1, C, H', W')
+        return out + ops.broadcast_to(bias_map, out.shape)
 
     def combine(self, projected, batch, height, width):
         """Run the paths the rate mode asks for on the Stage-I output and mix them.

@@ -9,7 +9,7 @@ neighbours of a pixel, so softmax cancels it; we compute ``q . (k - pe)_nb`` fro
 from mindspore import nn, ops
 
 from .base import ACmixBase
-from .local_attention import LOCAL_ATTENTION_IMPLS, PORTABLE_IMPLS, attention_backend
+from .local_attention import LOCAL_ATTENTION_IMPLS, PORTABLE_IMPLS, attention_backend, qkv_aggregation
 from .spatial import out_size, reflect_pad
 from .validation import check_choice, check_divisible, check_odd, check_positive_int
 
@@ -63,6 +63,21 @@ class ACmixLocal(ACmixBase):
         if self.has_attention:
             self.conv_p = nn.Conv2d(2, head_dim, 1, has_bias=True)
             self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](kernel_att, stride, dilation)
+        self._select_kernel_path()
+
+    def _select_kernel_path(self):
+        """Where the attention runs a device kernel that also takes the projection directly (CPU), use it.
+
+        Then ``construct`` is ``_kernel_forward``: the projection's output channels are permuted (the weights,
+        not the activations) to the channel-major order (channel j*3N + g) when the fused conv path reads it,
+        the kernel does the query scaling/striding, the positional subtraction and the reflection padding
+        itself, and rate2 is folded into the conv path's weight. Same parameters and results as the separate
+        steps (tests/test_fast_paths.py); elsewhere ``qkv_attention`` is None and nothing changes.
+        """
+        self.qkv_layout = 1 if self.has_conv and self.shift_impl != "tensor" else 0
+        self.qkv_attention = None
+        if self.has_attention:
+            self.qkv_attention = qkv_aggregation(self.aggregate, self.num_heads, self.qkv_layout)
 
     @property
     def attention_backend(self):
@@ -75,12 +90,42 @@ class ACmixLocal(ACmixBase):
         if self.has_attention:
             self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](self.kernel_att, self.stride, self.dilation)
         self.attention_impl = attention_impl
+        self._select_kernel_path()
 
     def construct(self, x):
         if x.ndim != 4:
             raise ValueError(f"ACmixLocal expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape
+        if self.qkv_attention is not None:
+            return self._kernel_forward(x, height, width)
         return self.combine(self.qkv(x), batch, height, width)
+
+    def _projection_weights(self, dtype):
+        """qkv's (weight, bias) in dtype, rows permuted to channel-major order (j*3N + g) for layout 1."""
+        weight = ops.cast(self.qkv.weight, dtype)
+        bias = None if self.qkv.bias is None else ops.cast(self.qkv.bias, dtype)
+        if self.qkv_layout == 1:
+            groups, d = 3 * self.num_heads, self.head_dim
+            weight = weight.reshape(groups, d, -1).transpose(1, 0, 2).reshape(weight.shape)
+            if bias is not None:
+                bias = bias.reshape(groups, d).transpose(1, 0).reshape(-1)
+        return weight, bias
+
+    def _kernel_forward(self, x, height, width):
+        """``construct`` with the device's qkv attention kernel (see ``_select_kernel_path``)."""
+        dtype = x.dtype
+        weight, bias = self._projection_weights(dtype)
+        qkv = ops.conv2d(x, weight, bias)  # (B, 3C, H, W) in layout self.qkv_layout
+        att = self.qkv_attention(qkv, self._positional(height, width, dtype))[0]
+        if self.rate_mode == "attention":
+            return att
+        if self.rate_mode == "learnable":
+            rate1, rate2 = ops.cast(self.rate1, dtype), ops.cast(self.rate2, dtype)
+        else:
+            rate1, rate2 = self.fixed_rate1, self.fixed_rate2
+        if self.qkv_layout == 1:
+            return rate1 * att + self.fused_conv(qkv, height, width, rate2)
+        return rate1 * att + rate2 * self.conv_path_of(qkv, x.shape[0], height, width)
 
     def conv_path_of(self, qkv, batch, height, width):
         return self.conv_path(qkv.reshape(batch, 3 * self.num_heads, self.head_dim, height * width),

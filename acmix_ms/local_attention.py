@@ -229,6 +229,35 @@ class FusedLocalAttention(nn.Cell):
         return self.aggregate(query, key_pad, value_pad)[0]
 
 
+def _cpu_qkv_aggregation(kernel_size, stride, dilation, num_heads, layout):
+    from .kernels.local_attention_cpu import CpuQKVAggregation
+    return CpuQKVAggregation(kernel_size, stride, dilation, num_heads, layout)
+
+
+# device_target -> factory(kernel_size, stride, dilation, num_heads, layout) -> Cell (qkv, pe) -> (out, weights)
+# with its own bprop: the whole attention path of ACmixLocal from its projection (see CpuQKVAggregation)
+DEVICE_QKV_AGGREGATIONS = {"CPU": _cpu_qkv_aggregation}
+
+
+def qkv_aggregation(aggregation, num_heads, layout):
+    """The kernel computing ``ACmixLocal``'s whole attention path from its projection, or None.
+
+    Given only where ``aggregation`` (the layer's Stage-II Cell) runs a device kernel and that device has a
+    qkv kernel registered in ``DEVICE_QKV_AGGREGATIONS``; so a portable implementation (unfold, lean, or no
+    kernel for the device) keeps the pure-MindSpore path.
+    """
+    if not isinstance(aggregation, FusedLocalAttention) or not aggregation.uses_kernel:
+        return None
+    factory = DEVICE_QKV_AGGREGATIONS.get(aggregation.backend)
+    if factory is None:
+        return None
+    try:
+        return factory(aggregation.kernel_size, aggregation.stride, aggregation.dilation, num_heads, layout)
+    except (RuntimeError, OSError) as error:
+        warnings.warn(f"no {aggregation.backend} qkv attention kernel ({error}); using the separate steps")
+        return None
+
+
 def auto_local_attention(kernel_size, stride=1, dilation=1, device_target=None):
     """``attention_impl='auto'``: the device's kernel where one is registered and builds, else unfold."""
     return FusedLocalAttention(kernel_size, stride, dilation, device_target=device_target, fallback="unfold")

@@ -7,6 +7,11 @@ fresh Python subprocess, so graph caches and peak memory (VmHWM, see ``benchmark
 configuration never mix with another's. Timing: warm-up calls (the first compiles), then up to ``--repeats``
 timed calls; median, 25th/75th percentiles, spread = IQR / median.
 
+Rounds (``--rounds N``, for a loaded machine): every configuration is measured N times, the rounds interleaved
+(round r measures every model once, each ACmix model right next to its baseline, the order reversed every other
+round, so a change of load hits both sides of a pair alike); a configuration's statistics pool the timed calls
+of all rounds, and the pair table adds the ratio of every round (median, min–max).
+
 Pairs measured in the same run are reported as ratios:
   * each ACmix model (``*_acmix``) against its baseline (the name without ``_acmix``, built with the same
     overrides minus the ACmix-only ones); baselines are added automatically (``--no_baselines`` to skip);
@@ -21,12 +26,14 @@ Models whose constructor takes ``img_size`` (Swin, PVT) are built for the measur
     python benchmarks/bench_models.py --models resnet26_acmix swin_tiny_acmix --batch_sizes 1 8 \
         --image_sizes 224 --out docs/benchmarks.md --plot docs/benchmarks.png
     python benchmarks/bench_models.py --models swin_tiny_acmix --shift_impls tensor fixed random learnable
+    python benchmarks/bench_models.py --models resnet26_acmix san10_acmix --batch_sizes 8 --rounds 3
     python benchmarks/bench_models.py --quick          # resnet_tiny pair, 32 px, batch 2, 1 timed call
     python benchmarks/bench_models.py --dry_run ...    # list the configurations only
 """
 import argparse
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -216,7 +223,7 @@ def timed(fn, args, warmup, repeats, max_seconds):
     with PeakRSS() as memory:
         times = time_calls(fn, args, warmup, repeats, max_seconds, min_repeats=min(3, repeats))
     stats = summarize(times)
-    return {"stats": stats, "peak_rss_mib": memory.peak_mib, "rss_rise_mib": memory.increase_mib,
+    return {"stats": stats, "times": times, "peak_rss_mib": memory.peak_mib, "rss_rise_mib": memory.increase_mib,
             "peak_reset": memory.reset_ok}
 
 
@@ -325,11 +332,31 @@ def _memory_ratio(results, numerator, denominator, batch, size, mode):
     return a["peak_rss_mib"] / b["peak_rss_mib"]
 
 
-def pair_table(pairs, results, configs, modes):
-    """ACmix vs baseline: throughput and peak-memory ratios (> 1: the ACmix model is faster / uses more)."""
+def round_ratios(results, numerator, denominator, batch, size, mode):
+    """Per-round img/s ratios of a pair (rounds where both were measured), or []."""
+    a, b = results.get((numerator, batch, size, mode)), results.get((denominator, batch, size, mode))
+    if not a or not b or "error" in a or "error" in b:
+        return []
+    a_rounds, b_rounds = a.get("round_medians", []), b.get("round_medians", [])
+    return [b_median / a_median for a_median, b_median in zip(a_rounds, b_rounds)]
+
+
+def _round_text(ratios):
+    if len(ratios) < 2:
+        return "—"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}, {len(ratios)} rounds)"
+
+
+def pair_table(pairs, results, configs, modes, per_round=False):
+    """ACmix vs baseline: throughput and peak-memory ratios (> 1: the ACmix model is faster / uses more).
+
+    per_round: add, per mode, the median and range of the per-round ratios (``--rounds``).
+    """
     header = ["ACmix model", "baseline", "batch", "image"]
     for mode in modes:
         header += [f"{mode} img/s ACmix / baseline", f"{mode} peak RSS ACmix / baseline"]
+    if per_round:
+        header += [f"{mode} ratio per round: median (min–max)" for mode in modes]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for acmix, base in pairs:
         for batch, size in configs:
@@ -337,6 +364,8 @@ def pair_table(pairs, results, configs, modes):
             for mode in modes:
                 cells += [_ratio(_speed_ratio(results, acmix, base, batch, size, mode)),
                           _ratio(_memory_ratio(results, acmix, base, batch, size, mode))]
+            if per_round:
+                cells += [_round_text(round_ratios(results, acmix, base, batch, size, mode)) for mode in modes]
             lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -423,6 +452,7 @@ def report(results, specs, configs, modes, shift_impls, args, env, env_after):
                 f"(the first compiles) then up to {args.repeats} timed calls per configuration (at least "
                 f"{min(3, args.repeats)}, stopping once the timed calls took {args.max_seconds:g} s); median and "
                 "25th–75th percentile; spread = IQR / median; each configuration and mode in a fresh subprocess; "
+                f"{args.rounds} interleaved round(s) (statistics over the timed calls of all rounds); "
                 "peak RSS = the process's VmHWM over the warm-up and timed calls, rise = over the RSS before them "
                 f"(model built, framework loaded). Train step: the engine's `TrainStep` ({args.opt}, label "
                 "smoothing 0.1, random images and labels). Models taking `img_size` are built for the image size.",
@@ -437,7 +467,7 @@ def report(results, specs, configs, modes, shift_impls, args, env, env_after):
     if pairs:
         sections += ["## ACmix vs baseline (same run)", "",
                      "Ratios of medians: img/s of the ACmix model / img/s of its baseline (> 1: ACmix faster), "
-                     "and of peak RSS.", "", pair_table(pairs, results, configs, modes), ""]
+                     "and of peak RSS.", "", pair_table(pairs, results, configs, modes, per_round=args.rounds > 1), ""]
     groups = shift_groups(specs, shift_impls)
     if groups:
         sections += ["## Shift implementations (paper Table 7)", "",
@@ -496,10 +526,15 @@ def parse_args(argv):
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer of the train step")
     parser.add_argument("--plot", default=None, help="write a bar plot PNG here (needs matplotlib)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, interleaved (pairs back to back, the "
+                             "order reversed every other round); report per-round pair ratios")
     args = parser.parse_args(argv)
     if args.worker is not None:
         return args
     check_measurement_arguments(parser, args)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.shift_impls is not None:
         from acmix_ms import SHIFT_IMPLS
         bad = [impl for impl in args.shift_impls if impl not in SHIFT_IMPLS]
@@ -524,17 +559,53 @@ def task_of(spec, batch, size, mode, args):
             "repeats": args.repeats, "max_seconds": args.max_seconds, "device_target": args.device_target}
 
 
-def run_all(specs, configs, modes, args, script, log=None):
-    """{(spec, batch, size, mode): result} measured one subprocess each."""
-    results = {}
+def interleaved_order(specs):
+    """``specs`` with every ACmix spec followed directly by its baseline (when measured)."""
+    present, order = set(specs), []
     for spec in specs:
+        if spec not in order:
+            order.append(spec)
+        baseline = baseline_of(spec)
+        if baseline is not None and baseline in present and baseline not in order:
+            order.append(baseline)
+    return order
+
+
+def merge_round(previous, result, round_index):
+    """Pool one round's worker result into the configuration's result so far (None before the first)."""
+    if "error" in result:
+        return {**result, "error": f"round {round_index + 1}: {result['error']}"}
+    if previous is None:
+        merged = {key: value for key, value in result.items() if key != "stats"}
+        merged["times"], merged["round_medians"] = list(result["times"]), [result["stats"]["median"]]
+    elif "error" in previous:
+        return previous
+    else:
+        merged = dict(previous)
+        merged["times"] = previous["times"] + list(result["times"])
+        merged["round_medians"] = previous["round_medians"] + [result["stats"]["median"]]
+        for key in ("peak_rss_mib", "rss_rise_mib", "wall_s"):
+            merged[key] = max(previous[key], result[key])
+    merged["stats"] = summarize(merged["times"])
+    return merged
+
+
+def run_all(specs, configs, modes, args, script, log=None):
+    """{(spec, batch, size, mode): result} measured one subprocess each, ``args.rounds`` interleaved rounds."""
+    results = {}
+    rounds = getattr(args, "rounds", 1)
+    order = interleaved_order(specs)
+    for round_index in range(rounds):
         for batch, size in configs:
             for mode in modes:
-                result = run_worker(script, task_of(spec, batch, size, mode, args), args.timeout)
-                results[(spec, batch, size, mode)] = result
-                if log:
-                    log(spec, batch, size, mode, result)
-    return results
+                for spec in (order if round_index % 2 == 0 else order[::-1]):
+                    result = run_worker(script, task_of(spec, batch, size, mode, args), args.timeout)
+                    key = (spec, batch, size, mode)
+                    results[key] = merge_round(results.get(key), result, round_index)
+                    if log:
+                        log(spec, batch, size, mode, result)
+    return {(spec, batch, size, mode): results[(spec, batch, size, mode)]
+            for spec in specs for batch, size in configs for mode in modes}
 
 
 def _log(spec, batch, size, mode, result):

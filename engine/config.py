@@ -162,7 +162,10 @@ TRAIN_OPTIONS = (
         ("lr", "float", 0.1, "peak learning rate (scaled by lr_base_batch when set)"),
         ("lr_base_batch", "int", None, "if set, lr applies per this many images: lr * global_batch / it",
          {"optional": True}),
-        ("min_lr", "float", 0.0, "learning rate at the end of the cosine schedule"),
+        ("min_lr", "float", 0.0, "learning rate at the end of the schedule"),
+        ("lr_schedule", "str", "cosine", "decay after the warm-up: cosine, or poly: (1 - progress)^poly_power "
+                                         "(the segmentation recipes)", {"choices": ("cosine", "poly")}),
+        ("poly_power", "float", 1.0, "exponent of the poly schedule"),
         ("warmup_epochs", "float", 0.0, "linear warm-up length (epochs, counted in steps)"),
         ("warmup_lr", "float", 0.0, "learning rate at step 0 of the warm-up"),
         ("epochs", "int", 90, "training epochs"),
@@ -353,6 +356,8 @@ def check_train_config(cfg):
         raise ConfigError(f"option 'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     if cfg.loss_scale != "none" and cfg.loss_scale_value < 1.0:
         raise ConfigError(f"option 'loss_scale_value' must be >= 1, got {cfg.loss_scale_value}")
+    if cfg.poly_power <= 0:
+        raise ConfigError(f"option 'poly_power' must be positive, got {cfg.poly_power}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"option 'warmup_epochs' must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     if cfg.lr <= 0:

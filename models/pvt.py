@@ -158,7 +158,7 @@ class PyramidVisionTransformer(nn.Cell):
             pos = ops.concat((pos_embed[:, :1], self._resized_pos_embed(pos_embed[:, 1:], stage, height, width)), 1)
         else:
             pos = self._resized_pos_embed(pos_embed, stage, height, width)
-        tokens = pos_drop(tokens + pos.astype(tokens.dtype))
+        tokens = pos_drop(tokens + ops.broadcast_to(pos.astype(tokens.dtype), tokens.shape))  # explicit: see layers.DropPath
         for block in blocks:
             tokens = block(tokens, height, width)
         return tokens, height, width

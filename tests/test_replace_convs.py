@@ -180,10 +180,11 @@ def test_amp_o2_forward_and_backward_run_in_float16():
     assert any(np.abs(g).max() > 0 for g in grads)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11.7 fixed on branch i13r")
 def test_amp_o2_with_the_cpu_attention_kernel():
+    # issue 11.7: the kernel took no float16 ("... LocalAttentionForward) is 2"); it now casts at its boundary
     _, loss, grads = amp_o2_loss_and_grads("auto")
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
+    assert any(np.abs(g).max() > 0 for g in grads)
 
 
 # --------------------------------------------------------------------------------------------- small maps

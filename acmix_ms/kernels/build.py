@@ -1,7 +1,9 @@
 """Compile the C++ kernels of this package into shared libraries at first use, cached on disk.
 
-The library name carries a hash of the source, the compiler and the flags, so an edited source or another
-compiler gives a new file and stale libraries are never loaded. Compilation writes to a temporary name
+The library name carries a hash of the source, the headers beside it (``parallel.h``: the kernels' thread pool),
+the compiler, the flags and the CPU (the code is built for the CPU it runs on, ``-march=native``), so an edited
+source, another compiler or another machine sharing the cache gives a new file and stale libraries are never
+loaded. Compilation writes to a temporary name
 and renames it into place, so processes started together (e.g. by msrun) do not see half-written files.
 Cache directory: ``$ACMIX_MS_KERNEL_CACHE`` if set, else ``~/.cache/acmix_ms/kernels``.
 Within a process the outcome (library or error) is remembered, so a network with many layers asks the
@@ -15,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 KERNEL_SOURCE_DIR = Path(__file__).resolve().parent
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# tuned for this CPU (AVX2/AVX-512 where present); dropped if the compiler does not know it
+NATIVE_FLAGS = ("-march=native",)
 
 
 class KernelBuildError(RuntimeError):
@@ -57,6 +61,16 @@ def compiled_library(source_name):
     return outcome
 
 
+def _cpu_identity():
+    """The CPU model and feature flags (what -march=native compiles for); empty where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    except OSError:
+        return ""
+    return "".join(sorted(set(lines)))
+
+
 def _build(source_name):
     source = KERNEL_SOURCE_DIR / source_name
     if not source.is_file():
@@ -64,7 +78,10 @@ def _build(source_name):
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256(source.read_bytes())
-    digest.update(" ".join([compiler, *version, *CXX_FLAGS]).encode())
+    for header in sorted(KERNEL_SOURCE_DIR.glob("*.h")):
+        digest.update(header.read_bytes())
+    digest.update(" ".join([compiler, *version, *CXX_FLAGS, *NATIVE_FLAGS]).encode())
+    digest.update(_cpu_identity().encode())
     target_dir = cache_dir()
     target = target_dir / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.is_file():
@@ -73,7 +90,11 @@ def _build(source_name):
     handle, partial = tempfile.mkstemp(suffix=".so", prefix=f".{source.stem}-", dir=target_dir)
     os.close(handle)
     try:
-        result = subprocess.run([compiler, *CXX_FLAGS, "-o", partial, str(source)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *CXX_FLAGS, *NATIVE_FLAGS, "-o", partial, str(source)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:  # e.g. a compiler without -march=native: the portable build
+            result = subprocess.run([compiler, *CXX_FLAGS, "-o", partial, str(source)], capture_output=True,
+                                    text=True)
         if result.returncode != 0:
             raise KernelBuildError(f"compiling {source} failed:\n{result.stderr.strip()}")
         os.replace(partial, target)

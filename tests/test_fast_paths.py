@@ -1,0 +1,200 @@
+"""The fast paths of the convolution-path / sliding-window ACmix layers equal the paths they replace (issue 13):
+
+- the conv path as ONE group convolution with a weight composed from fc and dep_conv (``ACmixBase.fused_conv``)
+  equals the explicit fc -> transpose -> shift conv, forward and gradients (with and without fc bias, strides);
+- ``ACmixLocal`` with the CPU qkv attention kernel (``_kernel_forward``: in-kernel reflection padding,
+  positional subtraction, channel-major projection, rate2 folded into the conv weight) equals the same layer
+  running the unfold reference, forward and the gradients of the input and of every parameter, for strides,
+  dilation, maps smaller than the window, every rate mode and shift implementation;
+- the kernel runs under AMP O2 (float16) in ACmixLocal and in the models (issue 11, item 7).
+"""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+import models
+from acmix_ms import ACmixBase, ACmixLocal, attention_backends
+from acmix_ms.base import GroupConv
+
+
+def _randomise(cells, seed):
+    """Give the same random values to the parameters of every Cell in ``cells`` (same classes/options)."""
+    rng = np.random.default_rng(seed)
+    for params in zip(*(cell.get_parameters() for cell in cells)):
+        shape = params[0].shape
+        value = rng.standard_normal(shape).astype(np.float32) * 0.5
+        if "rate" in params[0].name:
+            value = np.abs(value) + 0.2
+        for param in params:
+            param.set_data(Tensor(value))
+
+
+class _Objective(nn.Cell):
+    def __init__(self, layer, probe):
+        super().__init__()
+        self.layer, self.probe = layer, probe
+
+    def construct(self, x):
+        return (self.layer(x) * self.probe).sum()
+
+
+def _loss_and_grads(layer, x, probe):
+    params = layer.trainable_params()
+    objective = _Objective(layer, probe)
+    loss, (grad_x, grads) = ms.value_and_grad(objective, 0, params)(x)
+    return {"loss": loss.asnumpy(), "x": grad_x.asnumpy(),
+            **{f"param {i} ({param.name.split('.', 1)[-1]})": grad.asnumpy()
+               for i, (param, grad) in enumerate(zip(params, grads))}}
+
+
+def _assert_same(result, reference, rtol=1e-4, atol=2e-5):
+    assert result.keys() == reference.keys()
+    for key in reference:
+        scale = max(1.0, float(np.abs(reference[key]).max()))
+        np.testing.assert_allclose(result[key], reference[key], rtol=rtol, atol=atol * scale, err_msg=key)
+
+
+# ------------------------------------------------------------------------- conv path as one group convolution
+class _ExplicitConvPath(nn.Cell):
+    """The conv path as it was: fc on the (B, G, d, HW) groups, transpose, shift group conv."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, groups, height, width):
+        batch, _, head_dim, _ = groups.shape
+        maps = self.layer.fc(groups).transpose(0, 2, 1, 3)
+        return self.layer.dep_conv(maps.reshape(batch, -1, height, width))
+
+
+class _ConvPathObjective(nn.Cell):
+    def __init__(self, path, probe, height, width):
+        super().__init__()
+        self.path, self.probe, self.height, self.width = path, probe, height, width
+
+    def construct(self, groups):
+        return (self.path(groups, self.height, self.width) * self.probe).sum()
+
+
+@pytest.mark.parametrize("fc_bias,stride,shift_impl", [(False, 1, "learnable"), (True, 2, "learnable"),
+                                                       (True, 1, "random"), (False, 2, "fixed")])
+def test_fused_conv_path_equals_fc_then_shift_conv(fc_bias, stride, shift_impl):
+    layer = ACmixBase(6, 4, 16, 3, stride, shift_impl, rate_mode="conv", fc_bias=fc_bias)
+    _randomise([layer], seed=stride)
+    height, width = 7, 6
+    rng = np.random.default_rng(3)
+    groups = Tensor(rng.standard_normal((2, 6, 4, height * width)).astype(np.float32))
+    h_out, w_out = -(-height // stride), -(-width // stride)
+    probe = Tensor(rng.standard_normal((2, 16, h_out, w_out)).astype(np.float32))
+    params = layer.trainable_params()
+    results = []
+    for path in (layer.conv_path, _ExplicitConvPath(layer)):
+        objective = _ConvPathObjective(path, probe, height, width)
+        loss, (grad_x, grads) = ms.value_and_grad(objective, 0, params)(groups)
+        results.append({"loss": loss.asnumpy(), "x": grad_x.asnumpy(),
+                        **{f"param {i}": g.asnumpy() for i, g in enumerate(grads)}})
+    _assert_same(*results)
+
+
+class _GroupConvObjective(nn.Cell):
+    def __init__(self, conv, probe):
+        super().__init__()
+        self.conv, self.probe = conv, probe
+
+    def construct(self, x, weight):
+        return (self.conv(x, weight) * self.probe).sum()
+
+
+@pytest.mark.parametrize("groups,per_group,out_per_group,kernel,stride,size", [
+    (4, 12, 4, 3, 1, (9, 9)), (2, 6, 8, 3, 2, (7, 10)), (3, 5, 2, 5, 2, (8, 8)), (2, 3, 2, 3, 3, (6, 5))])
+def test_cpu_group_conv_backward_equals_autodiff(groups, per_group, out_per_group, kernel, stride, size):
+    if ms.get_context("device_target") != "CPU":
+        pytest.skip("CPU kernel")
+    from acmix_ms.kernels.conv_path_cpu import CpuGroupConv
+    rng = np.random.default_rng(groups * kernel + stride)
+    x = Tensor(rng.standard_normal((2, groups * per_group) + size).astype(np.float32))
+    weight = Tensor(rng.standard_normal((groups * out_per_group, per_group, kernel, kernel)).astype(np.float32))
+    out_size = tuple(-(-s // stride) for s in size)
+    probe = Tensor(rng.standard_normal((2, groups * out_per_group) + out_size).astype(np.float32))
+    results = []
+    for conv in (CpuGroupConv(groups * per_group, groups * out_per_group, kernel, stride, groups),
+                 GroupConv(kernel, stride, groups)):
+        loss, grads = ms.value_and_grad(_GroupConvObjective(conv, probe), (0, 1))(x, weight)
+        results.append({"loss": loss.asnumpy(), "x": grads[0].asnumpy(), "weight": grads[1].asnumpy()})
+    _assert_same(*results)
+
+
+# ------------------------------------------------------------------------------ ACmixLocal with the qkv kernel
+def _local_pair(seed, **options):
+    fast = ACmixLocal(attention_impl="auto", **options)
+    if fast.qkv_attention is None:
+        pytest.skip("no CPU qkv attention kernel here (not on CPU, or no C++ compiler)")
+    reference = ACmixLocal(attention_impl="unfold", **options)
+    assert reference.qkv_attention is None
+    _randomise([fast, reference], seed)
+    return fast, reference
+
+
+# (in, out, heads, kernel_att, stride, dilation, height, width, extra options)
+LOCAL_CASES = [
+    (8, 8, 2, 3, 1, 1, 6, 6, {}),
+    (8, 16, 4, 5, 2, 1, 9, 8, {}),  # stride 2, odd/even sizes
+    (6, 8, 2, 3, 1, 2, 7, 9, {"qkv_bias": False}),  # dilation 2, non-square
+    (8, 8, 2, 7, 1, 1, 3, 4, {"fc_bias": True}),  # window larger than the map: repeated reflections
+    (8, 8, 2, 3, 3, 1, 8, 7, {"rate_mode": "fixed", "rates": (0.3, 0.9)}),
+    (8, 8, 2, 3, 1, 1, 5, 5, {"rate_mode": "attention"}),
+    (8, 8, 2, 5, 2, 1, 6, 6, {"shift_impl": "tensor"}),  # layout 0: the official channel order
+    (8, 8, 2, 3, 1, 1, 1, 1, {}),  # 1 x 1 map
+]
+
+
+@pytest.mark.parametrize("cin,cout,heads,kernel_att,stride,dilation,height,width,extra", LOCAL_CASES)
+def test_acmix_local_qkv_kernel_equals_unfold_reference(cin, cout, heads, kernel_att, stride, dilation, height,
+                                                        width, extra):
+    options = dict(in_channels=cin, out_channels=cout, num_heads=heads, kernel_att=kernel_att, stride=stride,
+                   dilation=dilation, **extra)
+    fast, reference = _local_pair(seed=kernel_att + stride, **options)
+    rng = np.random.default_rng(kernel_att)
+    x = Tensor(rng.standard_normal((2, cin, height, width)).astype(np.float32))
+    probe = Tensor(rng.standard_normal((2, cout, -(-height // stride), -(-width // stride))).astype(np.float32))
+    _assert_same(_loss_and_grads(fast, x, probe), _loss_and_grads(reference, x, probe))
+
+
+def test_kernel_path_follows_set_attention_impl():
+    fast, _ = _local_pair(seed=0, in_channels=8, out_channels=8, num_heads=2, kernel_att=3)
+    fast.set_attention_impl("unfold")
+    assert fast.qkv_attention is None and fast.attention_backend == "unfold"
+    fast.set_attention_impl("fused")
+    assert fast.qkv_attention is not None and fast.attention_backend == "CPU"
+
+
+# --------------------------------------------------------------------------------------- float16 (AMP O2)
+def test_qkv_kernel_under_amp_o2_matches_float32():
+    fast, reference = _local_pair(seed=5, in_channels=8, out_channels=8, num_heads=2, kernel_att=3, stride=2)
+    rng = np.random.default_rng(7)
+    x = Tensor(rng.standard_normal((2, 8, 8, 8)).astype(np.float32))
+    expected = reference(x).asnumpy()
+    half = ms.amp.auto_mixed_precision(nn.SequentialCell(fast), "O2")
+    out = half(x).astype(ms.float32).asnumpy()
+    assert fast.qkv.mixed_precision_type.name == "FP16"  # the layer ran in float16 around the kernel
+    assert not np.array_equal(out, expected)  # float16 round-off, so it did not run in float32
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("amp_level", ["O2", "O3"])
+def test_resnet_tiny_acmix_trains_a_step_under_amp(amp_level):
+    net = models.create_model("resnet_tiny_acmix", num_classes=4, base_width=8)
+    if attention_backends(net) != {"CPU": 4}:
+        pytest.skip(f"no CPU attention kernel here ({attention_backends(net)})")
+    net = ms.amp.auto_mixed_precision(net, amp_level)
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+
+    def loss_fn(images):
+        return ops.cast(net(images), ms.float32).mean()
+
+    loss, grads = ms.value_and_grad(loss_fn, None, net.trainable_params())(x)
+    assert np.isfinite(loss.asnumpy())
+    assert all(np.isfinite(g.asnumpy().astype(np.float32)).all() for g in grads)
