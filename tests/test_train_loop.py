@@ -125,7 +125,7 @@ def test_cpu_runs_the_host_loop(image_folder, tmp_path):
     assert not trainer.sinking
 
 
-@pytest.mark.skipif(ON_CPU, reason="ms.data_sink refuses the CPU backend (tools/device_check.sh runs this)")
+@pytest.mark.skipif(ON_CPU, reason="ms.data_sink refuses the CPU backend (benchmarks/device_check.sh runs this)")
 def test_real_data_sink_gives_the_per_step_losses(reference, image_folder, tmp_path):
     rows, weights = reference
     trainer = Trainer(tiny_train_config(image_folder[0], str(tmp_path), data_sink=True, sink_size=3, **FEATURES))

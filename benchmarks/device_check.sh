@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Key checks on a GPU or Ascend machine in one short run, written to one folder: each step has a time limit,
-# together at most 11 minutes (typically much less).
+# together at most 10 minutes (typically much less).
 #
-#   bash tools/device_check.sh GPU [OUT_DIR]       # or Ascend; OUT_DIR default: device_check_<date>
-#   DEVICE_CHECK_QUICK=1 DEVICE_CHECK_TIME_SCALE=3 bash tools/device_check.sh CPU /tmp/dc   # a dry run on CPU
+#   bash benchmarks/device_check.sh GPU [OUT_DIR]       # or Ascend; OUT_DIR default: device_check_<date>
+#   DEVICE_CHECK_QUICK=1 DEVICE_CHECK_TIME_SCALE=3 bash benchmarks/device_check.sh CPU /tmp/dc   # a dry run on CPU
 #
 # Installs nothing: needs the project's requirements (MindSpore for the device, numpy, PyYAML, Pillow, pytest).
 # Steps (each with its own time limit; a failing step does not stop the others):
@@ -23,7 +23,7 @@ DEVICE=${1:-GPU}
 OUT=${2:-device_check_$(date -u +%Y%m%d_%H%M%S)}
 QUICK=${DEVICE_CHECK_QUICK:-0}
 SCALE=${DEVICE_CHECK_TIME_SCALE:-1}  # multiplies every time limit (a CPU dry run on a busy machine needs more)
-case "$DEVICE" in GPU|Ascend|CPU) ;; *) echo "usage: bash tools/device_check.sh GPU|Ascend [OUT_DIR]" >&2; exit 2;; esac
+case "$DEVICE" in GPU|Ascend|CPU) ;; *) echo "usage: bash benchmarks/device_check.sh GPU|Ascend [OUT_DIR]" >&2; exit 2;; esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -72,7 +72,7 @@ step env 30 bash -c "$PY -c 'import mindspore as ms; print(\"MindSpore\", ms.__v
 # pytest runs on MindSpore's default device (the installed backend); the log's first line names it
 TESTS="tests/test_local_attention.py tests/test_train_loop.py"
 [ "$QUICK" = 1 ] && TESTS="tests/test_train_loop.py"
-step tests 150 bash -c "$PY -c 'import mindspore as ms; print(\"tests run on\", ms.get_context(\"device_target\"))' \
+step tests 120 bash -c "$PY -c 'import mindspore as ms; print(\"tests run on\", ms.get_context(\"device_target\"))' \
   && $PY -m pytest -q -p no:cacheprovider $TESTS"
 
 step make_data 30 "$PY" -c "
@@ -96,7 +96,7 @@ STEPS_BATCH=8
 [ "$QUICK" = 1 ] && STEPS_SIZE=64 && STEPS_BATCH=2  # 64 px: the smallest input of ResNet-ACmix-26 is 49
 sample_memory "$OUT/steps_memory.txt" &
 SAMPLER=$!
-step steps 180 "$PY" benchmarks/bench_models.py --device_target "$DEVICE" --modes train --no_baselines \
+step steps 160 "$PY" benchmarks/bench_models.py --device_target "$DEVICE" --modes train --no_baselines \
   --models resnet26_acmix:attention_impl=unfold resnet26_acmix:attention_impl=lean swin_tiny_acmix \
   --batch_sizes "$STEPS_BATCH" --image_sizes "$STEPS_SIZE" --warmup 2 --repeats 10 --max_seconds 10 \
   --timeout "$(( 60 * SCALE ))" --out "$OUT/steps.md"
