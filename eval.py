@@ -64,7 +64,7 @@ def _mindir_config(args, given):
         with open(sidecar, encoding="utf-8") as handle:
             info = json.load(handle)
         values = {key: info[key] for key in ("image_size", "crop_pct", "interpolation", "mean", "std", "in_chans",
-                                             "data_dir", "val_split") if key in info}
+                                             "data_dir", "val_split", "task", "task_options") if key in info}
         cfg = build_config(TRAIN_OPTIONS, dict(values, **given), file_source=sidecar)
         return cfg, info.get("class_names"), info["input_shape"][0], info.get("num_classes")
     if not args.config and "image_size" not in given:
@@ -94,11 +94,27 @@ def _checked(predict):
     return run
 
 
+def _numpy(output):
+    """A network's output as numpy: an array, or a tuple of arrays for multi-output networks."""
+    if isinstance(output, (tuple, list)):
+        return tuple(item.asnumpy() for item in output)
+    return output.asnumpy()
+
+
+def _check_classes(found, trained, where):
+    from engine.data import DataError
+    if trained is not None and list(found) != list(trained):
+        raise DataError(f"the classes of {where} ({len(found)}) differ from the classes the model was trained on "
+                        f"({len(trained)}): only here: {sorted(set(found) - set(trained)) or 'none'}; "
+                        f"only in training: {sorted(set(trained) - set(found)) or 'none'}")
+
+
 def run(args):
     """Evaluate; returns the results dict."""
     import mindspore as ms
     from engine.data import DataError, eval_dataset, scan_split
     from engine.metrics import evaluate
+    from engine.tasks import resolve
     from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
                                 model_from_checkpoint, setup_context)
     check_positive_arguments(args, "batch_size", "num_workers", "image_size", "num_classes")
@@ -111,8 +127,10 @@ def run(args):
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
         model.set_train(False)
 
+        network = resolve(cfg).inference_network(model, cfg)
+
         def predict(images):
-            return model(ms.Tensor(images)).asnumpy()
+            return _numpy(network(ms.Tensor(images)))
     else:
         if not os.path.isfile(args.mindir):
             raise DataError(f"MINDIR not found: {args.mindir}")
@@ -120,11 +138,18 @@ def run(args):
         graph = ms.nn.GraphCell(ms.load(args.mindir))
 
         def predict(images):
-            return graph(ms.Tensor(images)).asnumpy()
+            return _numpy(graph(ms.Tensor(images)))
     data_dir = args.data_dir or cfg.data_dir
     split = args.split or cfg.val_split or "val"
     if args.num_workers:
         cfg.num_workers = args.num_workers
+    task = resolve(cfg)
+    if task.NAME != "classification":  # the task reads its data and scores it (engine/tasks/<task>.py)
+        data, names = task.eval_data(cfg, data_dir, split)
+        _check_classes(names, class_names, data_dir)
+        batch = fixed_batch or args.batch_size or cfg.eval_batch_size or cfg.batch_size
+        result = task.evaluate(predict, cfg, data, num_classes or len(names), batch, fixed_batch)
+        return dict(result, task=task.NAME, source=args.checkpoint or args.mindir, data=data_dir)
     index = scan_split(data_dir, split, verify_images=True, bad_images="fail")
     if class_names is not None and index.classes != list(class_names):
         raise DataError(f"the class folders of {index.root} ({len(index.classes)}) differ from the classes the "
@@ -156,6 +181,13 @@ def main(argv=None):
     except NonFiniteLogits as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if result.get("task", "classification") != "classification":
+        from engine.tasks import get_task
+        print(get_task(result["task"]).summary(result))
+        if args.json_path:
+            with open(args.json_path, "w", encoding="utf-8") as handle:
+                json.dump(result, handle, indent=1)
+        return 0
     print(f"{result['source']} on {result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"loss {result['loss']:.4f}  ({result['count']} images)")
     if args.per_class:

@@ -82,10 +82,15 @@ def _model_and_info(args):
                                                                     cfg.in_chans), cfg.image_size)
         check_input_size(model, cfg.model, cfg.image_size)
         info = {"model": cfg.model, "num_classes": num_classes, "class_names": None}
+    from engine.tasks import resolve, task_options
+    task = resolve(cfg)
+    info.update(task=task.NAME, task_options=task_options(cfg, task))
+    model.set_train(False)
+    network = task.inference_network(model, cfg)  # e.g. a detector with its box decoding and NMS
     info.update(image_size=cfg.image_size, in_chans=cfg.in_chans, crop_pct=cfg.crop_pct,
                 interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, data_dir=cfg.data_dir,
                 val_split=cfg.val_split)
-    return model, info
+    return network, info
 
 
 def make_exportable(model, attention_impl="unfold"):
@@ -97,7 +102,18 @@ def make_exportable(model, attention_impl="unfold"):
     if switched:
         print(f"{switched} sliding-window attention layer(s) ran a device kernel ({backends}): exported with "
               f"attention_impl='{attention_impl}' (standard operators, same weights and results)")
-    return switched
+    from models.layers import set_fused_kernels
+    fused = set_fused_kernels(model, False)  # transformer layers (GELU) with a CPU kernel
+    if fused:
+        print(f"{fused} transformer layer(s) ran a fused CPU kernel: exported with standard operators "
+              "(same results)")
+    return switched + fused
+
+
+def _as_arrays(output):
+    """A network's output (Tensor, array or a tuple of them) as a list of numpy arrays."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    return [item.asnumpy() if hasattr(item, "asnumpy") else np.asarray(item) for item in items]
 
 
 def _run_exported(path, file_format, sample):
@@ -105,7 +121,7 @@ def _run_exported(path, file_format, sample):
     import mindspore as ms
     if file_format == "MINDIR":
         graph = ms.nn.GraphCell(ms.load(path))
-        return graph(ms.Tensor(sample)).asnumpy()
+        return _as_arrays(graph(ms.Tensor(sample)))
     if file_format == "ONNX":
         try:
             import onnxruntime
@@ -113,7 +129,7 @@ def _run_exported(path, file_format, sample):
             print("onnxruntime is not installed: the ONNX file was written but not run (pip install onnxruntime)")
             return None
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: sample})[0]
+        return session.run(None, {session.get_inputs()[0].name: sample})
     print("AIR files run on Ascend through ACL only: not verified here")
     return None
 
@@ -144,8 +160,8 @@ def export(args):
                                          f"{info['model']}{suffix}")
     shape = (args.batch_size, info["in_chans"], info["image_size"], info["image_size"])
     sample = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
-    reference = model(ms.Tensor(sample)).asnumpy()
-    if not np.isfinite(reference).all():
+    reference = _as_arrays(model(ms.Tensor(sample)))
+    if not all(np.isfinite(item).all() for item in reference):
         raise ExportError(f"the network's own output on the sample holds NaN or inf: its weights are broken "
                           f"(diverged training?); nothing was exported")
     folder = os.path.dirname(os.path.abspath(output))
@@ -166,14 +182,18 @@ def export(args):
         exported = _run_exported(written, args.format, sample)
         max_diff = None
         if exported is not None:
-            if exported.shape != reference.shape:
-                raise ExportError(f"exported output shape {exported.shape} differs from the network's "
-                                  f"{reference.shape}")
-            if not np.isfinite(exported).all():
+            exported = _as_arrays(exported)
+            shapes = [item.shape for item in exported]
+            if shapes != [item.shape for item in reference]:
+                raise ExportError(f"exported output shape(s) {shapes} differ from the network's "
+                                  f"{[item.shape for item in reference]}")
+            if not all(np.isfinite(item).all() for item in exported):
                 raise ExportError(f"the exported {args.format} file outputs NaN or inf on the sample (the network "
                                   f"does not); the file was not written")
-            max_diff = float(np.abs(exported.astype(np.float64) - reference).max())
-            bound = args.atol + args.rtol * min(float(np.abs(reference).max()), OUTPUT_SCALE_CAP)
+            max_diff = max(float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+                           for got, want in zip(exported, reference))
+            scale = max(float(np.abs(item).max()) if item.size else 0.0 for item in reference)
+            bound = args.atol + args.rtol * min(scale, OUTPUT_SCALE_CAP)
             print(f"max |diff| exported vs network on a {shape} sample: {max_diff:.3e} (tolerance {bound:.3e})")
             if not max_diff <= bound:
                 raise ExportError(f"exported {args.format} output differs from the network by {max_diff:.3e} "

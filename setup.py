@@ -17,8 +17,9 @@ setup(
     package_data={"acmix_ms.kernels": ["*.cc"]},  # C++ source of the CPU kernels, compiled at first use
     install_requires=["mindspore==2.8.0", "numpy<2", "pyyaml", "pillow"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],  # matplotlib: the plot tests take their real path in CI
         "plot": ["matplotlib"],
+        "coco": ["pycocotools"],  # detection mAP by the reference COCOeval (a NumPy equivalent is built in)
         "torch-tests": ["torch==2.13.0+cpu"],
     },
 )

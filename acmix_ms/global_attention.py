@@ -51,6 +51,7 @@ class ACmixGlobal(ACmixBase):
             self.proj = nn.Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
+        self.matmul_qk = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x, height, width):
         if x.ndim != 3:
@@ -77,25 +78,31 @@ class ACmixGlobal(ACmixBase):
         return self.norm(reduced.reshape(batch, self.dim, -1).transpose(0, 2, 1))
 
     def _attention(self, query, key_value, batch, length):
-        query = query.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3) * self.scale
-        key_value = key_value.reshape(batch, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        logits = ops.matmul(query, key_value[0].swapaxes(-2, -1))  # (B, N, L, L')
+        key, value = ops.split(key_value, self.dim, -1)  # (B, L', C) each; no slicing of a transposed tensor
+        query = self._heads(query) * self.scale  # (B, N, L, d)
+        logits = self.matmul_qk(query, self._heads(key))  # (B, N, L, L')
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = ops.matmul(weights, key_value[1]).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+        out = ops.matmul(weights, self._heads(value)).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
         return self.proj(out)
+
+    def _heads(self, x):
+        """(B, L, C) -> (B, N, L, d)."""
+        return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def _conv(self, query, key_value, batch, height, width):
         """Conv path on the H*W patch tokens -> (B, L, C); prefix tokens get zeros."""
         prefix = self.num_prefix_tokens
-        patch_query = query[:, prefix:]
-        patch_kv = key_value[:, prefix:]
+        if prefix > 0:
+            query, key_value = query[:, prefix:], key_value[:, prefix:]
+        # channel-major (B, 3C, H*W) directly: channel t*C + n*d + j = group g (t*N + n), width j
         if self.sr_ratio > 1:
             reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
-            grid = patch_kv.transpose(0, 2, 1).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
+            grid = key_value.transpose(0, 2, 1).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
             grid = ops.interpolate(grid, size=(height, width), mode="nearest")
-            patch_kv = grid.reshape(batch, 2 * self.dim, height * width).transpose(0, 2, 1)
-        qkv = ops.concat((patch_query, patch_kv), -1)  # (B, HW, 3C): layout t*C + n*d + j
-        groups = qkv.reshape(batch, height * width, 3 * self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+            stacked = ops.concat((query.transpose(0, 2, 1), grid.reshape(batch, 2 * self.dim, height * width)), 1)
+        else:
+            stacked = ops.concat((query, key_value), -1).transpose(0, 2, 1)
+        groups = stacked.reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
         out = out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
         if prefix > 0:

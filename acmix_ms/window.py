@@ -13,10 +13,11 @@ for training from scratch.
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
+from mindspore.ops import constexpr
 from mindspore.common.initializer import initializer, TruncatedNormal
 
 from .base import ACmixBase
-from .spatial import cyclic_shift, zero_pad
+from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
 MASK_VALUE = -100.0  # Swin's additive mask between tokens of different regions
@@ -44,19 +45,78 @@ def window_reverse(windows, window_size, batch, height, width):
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
 
 
-def shifted_window_mask(height, width, window_size, shift_size, dtype):
-    """Additive mask (nW, w*w, w*w) of SW-MSA for an (H, W) map (multiples of the window).
+def window_token_order(height, width, window_size, shift_size):
+    """Token order of SW-MSA as one permutation (NumPy int32, length H*W; H, W multiples of the window).
 
-    Built from ops on shapes known at compile time, so any input size works in graph mode.
+    ``order[p]`` is the row-major map index (i * W + j) of the token at position p of
+    ``window_partition(cyclic_shift(map, -shift, -shift))`` flattened: windows row-major, then the
+    w*w tokens of each window row-major. Gathering the tokens with it does the shift and the partition
+    in one copy; gathering the result with ``inverse_order(order)`` undoes both.
     """
-    rows = ops.arange(height)
-    cols = ops.arange(width)
-    row_region = (rows >= height - window_size).astype(ms.int32) + (rows >= height - shift_size).astype(ms.int32)
-    col_region = (cols >= width - window_size).astype(ms.int32) + (cols >= width - shift_size).astype(ms.int32)
-    region = row_region.reshape(1, height, 1, 1) * 3 + col_region.reshape(1, 1, width, 1)
-    region = window_partition(region, window_size).squeeze(-1)  # (nW, w*w)
-    different = region.expand_dims(2) != region.expand_dims(1)
-    return ops.cast(different, dtype) * MASK_VALUE
+    rows = np.arange(height).reshape(height // window_size, 1, window_size, 1)
+    cols = np.arange(width).reshape(1, width // window_size, 1, window_size)
+    rows = (rows + shift_size) % height
+    cols = (cols + shift_size) % width
+    return (rows * width + cols).reshape(-1).astype(np.int32)
+
+
+def shift_token_order(height, width, shift_size):
+    """Row-major map index of each token of ``cyclic_shift(map, -shift, -shift)`` (NumPy int32, H*W)."""
+    rows = (np.arange(height) + shift_size) % height
+    cols = (np.arange(width) + shift_size) % width
+    return (rows[:, None] * width + cols[None, :]).reshape(-1).astype(np.int32)
+
+
+def inverse_order(order):
+    """The permutation that undoes ``order``."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size, dtype=order.dtype)
+    return inverse
+
+
+def shifted_window_mask(height, width, window_size, shift_size):
+    """Additive mask (nW, w*w, w*w) of SW-MSA for an (H, W) map (multiples of the window), NumPy float32.
+
+    Tokens of the shifted map belong to 3 x 3 regions (Swin's slices (0, -w), (-w, -s), (-s, None) per axis);
+    pairs from different regions get ``MASK_VALUE``.
+    """
+    rows, cols = np.arange(height), np.arange(width)
+    row_region = (rows >= height - window_size).astype(np.int32) + (rows >= height - shift_size)
+    col_region = (cols >= width - window_size).astype(np.int32) + (cols >= width - shift_size)
+    region = (row_region[:, None] * 3 + col_region[None, :])
+    region = region.reshape(height // window_size, window_size, width // window_size, window_size)
+    region = region.transpose(0, 2, 1, 3).reshape(-1, window_size * window_size)
+    return ((region[:, :, None] != region[:, None, :]) * MASK_VALUE).astype(np.float32)
+
+
+@constexpr
+def _layout(height, width, window_size, shift_size):
+    """Compile-time constants for an (H, W) map: (window order, its inverse, shifted-map order, its inverse,
+    mask or None). The orders are None where they are the identity."""
+    order = window_token_order(height, width, window_size, shift_size)
+    shift = shift_token_order(height, width, shift_size)
+
+    def pair(perm):
+        if np.array_equal(perm, np.arange(perm.size)):
+            return None, None
+        return Tensor(perm), Tensor(inverse_order(perm))
+
+    mask = Tensor(shifted_window_mask(height, width, window_size, shift_size)) if shift_size > 0 else None
+    return pair(order) + pair(shift) + (mask,)
+
+
+class TokenPermutation(nn.Cell):
+    """Reorder the tokens of a (B, L, C) tensor: ``out[:, p] = x[:, order[p]]``.
+
+    The gradient is the gather with the inverse permutation (exact, and cheaper than Gather's
+    scatter-add gradient). Inputs: x (B, L, C), order (L,) int32, inverse (L,) int32. Outputs: (B, L, C).
+    """
+
+    def construct(self, x, order, inverse):
+        return ops.gather(x, order, 1)
+
+    def bprop(self, x, order, inverse, out, dout):
+        return ops.gather(dout, inverse, 1), ops.zeros_like(order), ops.zeros_like(inverse)
 
 
 class ACmixWindow(ACmixBase):
@@ -103,6 +163,8 @@ class ACmixWindow(ACmixBase):
             self.proj = nn.Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
+        self.permute = TokenPermutation()
+        self.matmul_qk = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x):
         if x.ndim != 4:
@@ -112,58 +174,70 @@ class ACmixWindow(ACmixBase):
         pad_h, pad_w = (w - height % w) % w, (w - width % w) % w
         if pad_h > 0 or pad_w > 0:
             x = zero_pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        qkv = self.qkv(x)  # (B, Hp, Wp, 3C); pointwise, so shifting before or after is the same
-        shifted = cyclic_shift(qkv, -self.shift_size, -self.shift_size) if self.shift_size > 0 else qkv
+        padded_h, padded_w = height + pad_h, width + pad_w
+        # (B, Hp*Wp, 3C) in map order; pointwise, so shifting before or after the projection is the same
+        tokens = self.qkv(x).reshape(batch, padded_h * padded_w, 3 * self.dim)
+        order, order_inv, shift, shift_inv, mask = _layout(padded_h, padded_w, w, self.shift_size)
+        # The cyclic shift and the window partition are one token permutation (a gather), and so is their
+        # inverse; every path returns (B, Hp*Wp, C) in map order, so mixing commutes with un-shifting.
         if self.rate_mode == "conv":
-            out = self._conv(qkv, shifted)
+            out = self._conv(tokens, shift, shift_inv, batch, padded_h, padded_w)
         elif self.rate_mode == "attention":
-            out = self._unshift(self._attention(shifted))
-        elif self.conv_on_shifted_map:
-            out = self._unshift(self.mix(self._attention(shifted), self._conv_map(shifted)))
+            out = self._attention(tokens, order, order_inv, mask, batch)
         else:
-            out = self.mix(self._unshift(self._attention(shifted)), self._conv_map(qkv))
-        out = self.proj_drop(out)
+            out = self.mix(self._attention(tokens, order, order_inv, mask, batch),
+                           self._conv(tokens, shift, shift_inv, batch, padded_h, padded_w))
+        out = self.proj_drop(out.reshape(batch, padded_h, padded_w, self.dim))
         if pad_h > 0 or pad_w > 0:
             out = out[:, :height, :width]
         return out
 
-    def _unshift(self, x):
-        if self.shift_size > 0:
-            return cyclic_shift(x, self.shift_size, self.shift_size)
-        return x
+    def _conv(self, tokens, shift, shift_inv, batch, height, width):
+        """Conv path -> (B, H*W, C) in map order; on the cyclically shifted map if ``conv_on_shifted_map``."""
+        if self.conv_on_shifted_map and shift is not None:
+            return self.permute(self._conv_map(self.permute(tokens, shift, shift_inv), batch, height, width),
+                                shift_inv, shift)
+        return self._conv_map(tokens, batch, height, width)
 
-    def _conv(self, qkv, shifted):
-        """Conv-only output in un-shifted coordinates."""
-        if self.conv_on_shifted_map:
-            return self._unshift(self._conv_map(shifted))
-        return self._conv_map(qkv)
+    def _conv_map(self, tokens, batch, height, width):
+        """(B, H*W, 3C) -> conv path -> (B, H*W, C)."""
+        groups = tokens.transpose(0, 2, 1).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
+        out = self.conv_path(groups, height, width)  # (B, C, H, W)
+        return out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
 
-    def _conv_map(self, qkv):
-        """(B, H, W, 3C) -> conv path -> (B, H, W, C)."""
-        batch, height, width, _ = qkv.shape
-        groups = qkv.reshape(batch, height * width, 3 * self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
-        return self.conv_path(groups, height, width).transpose(0, 2, 3, 1)
+    def _attention(self, tokens, order, order_inv, mask, batch):
+        """Windowed multi-head attention of (B, H*W, 3C) map-order tokens -> (B, H*W, C) in map order.
 
-    def _attention(self, qkv):
-        """Windowed multi-head attention on the (already shifted) (B, H, W, 3C) map -> (B, H, W, C)."""
-        batch, height, width, _ = qkv.shape
+        ``order`` gathers the tokens into (shifted-)window order (None: already in it), ``mask`` is the
+        (nW, w*w, w*w) SW-MSA mask or None.
+        """
         w2 = self.window_size * self.window_size
-        windows = window_partition(qkv, self.window_size)  # (B*nW, w*w, 3C)
-        windows = windows.reshape(-1, w2, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        query, key, value = windows[0] * self.scale, windows[1], windows[2]  # (B*nW, N, w*w, d)
-        logits = ops.matmul(query, key.swapaxes(-2, -1))
+        length = tokens.shape[1]
+        if order is not None:
+            tokens = self.permute(tokens, order, order_inv)
+        query, key, value = ops.split(tokens.reshape(-1, w2, 3 * self.dim), self.dim, -1)  # (B*nW, w*w, C) each
+        query = self._heads(query) * self.scale  # (B*nW, N, w*w, d)
+        logits = self.matmul_qk(query, self._heads(key))
         bias = ops.gather(self.relative_position_bias_table, self.relative_position_index, 0)
-        bias = bias.reshape(w2, w2, self.num_heads).transpose(2, 0, 1)
-        logits = logits + ops.cast(bias, logits.dtype).expand_dims(0)
-        if self.shift_size > 0:
-            mask = shifted_window_mask(height, width, self.window_size, self.shift_size, logits.dtype)
+        bias = ops.cast(bias.reshape(w2, w2, self.num_heads).transpose(2, 0, 1), logits.dtype)  # (N, w*w, w*w)
+        # explicit broadcasts: an implicitly broadcasting Add keeps ~4x its output alive on CPU (docs/benchmarks.md)
+        if mask is not None:
             num_windows = mask.shape[0]
-            logits = logits.reshape(-1, num_windows, self.num_heads, w2, w2) + mask.expand_dims(1).expand_dims(0)
-            logits = logits.reshape(-1, self.num_heads, w2, w2)
+            bias = bias.expand_dims(0) + ops.cast(mask, logits.dtype).expand_dims(1)  # (nW, N, w*w, w*w)
+            logits = logits.reshape(-1, num_windows, self.num_heads, w2, w2)
+            logits = (logits + ops.broadcast_to(bias, logits.shape)).reshape(-1, self.num_heads, w2, w2)
+        else:
+            logits = logits + ops.broadcast_to(bias, logits.shape)
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = ops.matmul(weights, value).transpose(0, 2, 1, 3).reshape(-1, w2, self.dim)
+        out = ops.matmul(weights, self._heads(value)).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
         out = self.proj(out)
-        return window_reverse(out, self.window_size, batch, height, width)
+        if order is not None:
+            out = self.permute(out, order_inv, order)
+        return out
+
+    def _heads(self, x):
+        """(B*nW, w*w, C) -> (B*nW, N, w*w, d)."""
+        return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def aggregation_macs(self, height, width):
         """MACs of q.k and A.v at input size H x W (padded to the window)."""

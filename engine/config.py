@@ -112,6 +112,10 @@ TRAIN_OPTIONS = (
     _options(
         "model",
         ("model", "str", None, "registered model name (models.list_models())", {"optional": True}),
+        ("task", "str", None, "what the model learns: a module of engine/tasks (classification, detection, ...); "
+                              "null: the task the model is registered for", {"optional": True}),
+        ("task_options", "dict", {}, "settings of the task (engine/tasks/<task>.py OPTIONS), e.g. "
+                                     "{score_threshold: 0.05}"),
         ("num_classes", "int", None, "classifier width; null = number of class folders", {"optional": True}),
         ("model_overrides", "dict", {}, "extra constructor keyword arguments, e.g. {shift_impl: fixed}"),
         ("drop_path_rate", "float", None, "stochastic depth rate passed to the model (null: its default)",
@@ -158,7 +162,10 @@ TRAIN_OPTIONS = (
         ("lr", "float", 0.1, "peak learning rate (scaled by lr_base_batch when set)"),
         ("lr_base_batch", "int", None, "if set, lr applies per this many images: lr * global_batch / it",
          {"optional": True}),
-        ("min_lr", "float", 0.0, "learning rate at the end of the cosine schedule"),
+        ("min_lr", "float", 0.0, "learning rate at the end of the schedule"),
+        ("lr_schedule", "str", "cosine", "decay after the warm-up: cosine, or poly: (1 - progress)^poly_power "
+                                         "(the segmentation recipes)", {"choices": ("cosine", "poly")}),
+        ("poly_power", "float", 1.0, "exponent of the poly schedule"),
         ("warmup_epochs", "float", 0.0, "linear warm-up length (epochs, counted in steps)"),
         ("warmup_lr", "float", 0.0, "learning rate at step 0 of the warm-up"),
         ("epochs", "int", 90, "training epochs"),
@@ -325,6 +332,9 @@ def build_config(options=TRAIN_OPTIONS, file_values=None, overrides=None, file_s
 
 def check_train_config(cfg):
     """Cross-option checks that one option's type cannot express."""
+    if cfg.task is not None or cfg.task_options:
+        from .tasks import DEFAULT_TASK, get_task, task_options
+        task_options(cfg, get_task(cfg.task or DEFAULT_TASK) if cfg.task or not cfg.model else None)
     for name in _POSITIVE_INTS:
         if cfg[name] < 1:
             raise ConfigError(f"option '{name}' must be >= 1, got {cfg[name]}")
@@ -346,6 +356,8 @@ def check_train_config(cfg):
         raise ConfigError(f"option 'ema_decay' must be in (0, 1), got {cfg.ema_decay}")
     if cfg.loss_scale != "none" and cfg.loss_scale_value < 1.0:
         raise ConfigError(f"option 'loss_scale_value' must be >= 1, got {cfg.loss_scale_value}")
+    if cfg.poly_power <= 0:
+        raise ConfigError(f"option 'poly_power' must be positive, got {cfg.poly_power}")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"option 'warmup_epochs' must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     if cfg.lr <= 0:

@@ -82,6 +82,13 @@ def scan_split(data_dir, split, verify_images=True, bad_images="fail", num_threa
         raise ValueError(f"bad_images={bad_images!r} is not supported; allowed values: 'fail', 'skip'")
     if data_dir is None:
         raise DataError("option 'data_dir' is not set: give the ImageFolder root (holding train/ and val/)")
+    from . import idx_data
+    if idx_data.holds_idx(data_dir):  # IDX files (MNIST format): decoded into memory, see engine/idx_data.py
+        split_data = idx_data.load_split(data_dir, split)
+        if split_data is None:
+            raise DataError(f"no IDX files for split {split!r} in {data_dir} (expected "
+                            f"{idx_data.SPLIT_PREFIXES.get(split, '<train|t10k>')}-images-idx3-ubyte[.gz] and labels)")
+        return split_data
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
         raise DataError(f"dataset folder not found: {root} (expected {data_dir}/{split}/<class>/<image>; "
@@ -236,6 +243,9 @@ def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0):
     ``seed`` fixes the order and the augmentation draws, so a resumed run sees the same batches as an
     uninterrupted one (callers pass ``cfg.seed + epoch``).
     """
+    if getattr(index, "in_memory", False):
+        from .idx_data import train_dataset as idx_train_dataset
+        return idx_train_dataset(cfg, index, num_classes, seed, num_shards, shard_id)
     import mindspore.dataset as ds
     from mindspore.dataset import transforms, vision
     ds.config.set_seed(seed)
@@ -260,6 +270,9 @@ def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0):
 
 def eval_dataset(cfg, index, batch_size=None):
     """Validation data in file order, all images (the last batch may be smaller)."""
+    if getattr(index, "in_memory", False):
+        from .idx_data import eval_dataset as idx_eval_dataset
+        return idx_eval_dataset(cfg, index, batch_size)
     from mindspore.dataset import transforms
     dataset = _source(index, False, 1, 0, cfg.num_workers)
     dataset = dataset.map(eval_transforms(cfg), input_columns="image",

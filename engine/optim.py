@@ -4,7 +4,8 @@
   biases, the ACmix ``rate1``/``rate2``) nor for names containing a no-decay keyword (position tables).
 * ``WarmupCosineLR``: linear warm-up from ``warmup_lr`` to ``base_lr`` over ``warmup_steps``, then a cosine
   from ``base_lr`` to ``min_lr`` at ``total_steps``; evaluated on the optimizer's ``global_step``, so a
-  restored step counter continues the schedule.
+  restored step counter continues the schedule. ``WarmupPolyLR``: the same warm-up, then
+  ``min_lr + (base_lr - min_lr) * (1 - progress) ** power`` (mmseg's poly schedule); ``lr_schedule`` picks.
 * ``AdamW``: decoupled weight decay with bias correction (as torch.optim.AdamW, which the Swin/PVT recipes
   use; ``nn.AdamWeightDecay`` has no bias correction).
 * ``create_optimizer``: SGD with momentum (``nn.Momentum``) or ``AdamW`` from a run config.
@@ -64,11 +65,28 @@ class WarmupCosineLR(LearningRateSchedule):
     def construct(self, global_step):
         step = ops.cast(global_step, ms.float32)
         progress = ops.clip_by_value((step - self.warmup_steps) / self.decay_steps, 0.0, 1.0)
-        cosine = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
+        decayed = self.decay(progress)
         if self.warmup_steps > 0:
             warm = self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.warmup_steps
-            return ops.select(step < self.warmup_steps, warm, cosine)
-        return cosine
+            return ops.select(step < self.warmup_steps, warm, decayed)
+        return decayed
+
+    def decay(self, progress):
+        """Learning rate at ``progress`` in [0, 1] of the decay phase."""
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
+
+
+class WarmupPolyLR(WarmupCosineLR):
+    """Warm-up as ``WarmupCosineLR``, then ``min_lr + (base_lr - min_lr) * (1 - progress) ** power``."""
+
+    def __init__(self, base_lr, total_steps, warmup_steps=0, warmup_lr=0.0, min_lr=0.0, power=1.0):
+        super().__init__(base_lr, total_steps, warmup_steps, warmup_lr, min_lr)
+        if power <= 0:
+            raise ValueError(f"poly power must be positive, got {power}")
+        self.power = float(power)
+
+    def decay(self, progress):
+        return self.min_lr + (self.base_lr - self.min_lr) * ops.pow(1.0 - progress, self.power)
 
 
 def _adamw_update(beta1, beta2, eps, lr, correction1, correction2, weight_decay, param, exp_avg, exp_avg_sq,
@@ -153,7 +171,10 @@ def create_optimizer(cfg, model, named_params, steps_per_epoch, global_batch):
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     peak_lr = effective_lr(cfg, global_batch)
-    schedule = WarmupCosineLR(peak_lr, total_steps, warmup_steps, cfg.warmup_lr, cfg.min_lr)
+    if getattr(cfg, "lr_schedule", "cosine") == "poly":
+        schedule = WarmupPolyLR(peak_lr, total_steps, warmup_steps, cfg.warmup_lr, cfg.min_lr, cfg.poly_power)
+    else:
+        schedule = WarmupCosineLR(peak_lr, total_steps, warmup_steps, cfg.warmup_lr, cfg.min_lr)
     if cfg.opt == "sgd":
         optimizer = nn.Momentum(groups, learning_rate=schedule, momentum=cfg.momentum, use_nesterov=cfg.nesterov)
     else:

@@ -23,10 +23,9 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data import DataError, check_same_classes, eval_dataset, scan_split, steps_per_epoch, train_dataset
+from .data import DataError, steps_per_epoch
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
-from .metrics import evaluate
 from .runtime import (build_model, check_input_size, check_writable_folder, init_distributed, model_kwargs,
                       setup_context)
 
@@ -88,17 +87,16 @@ class Trainer:
             self.log.info(f"removed {len(debris)} partial checkpoint file(s) of an interrupted save: "
                           + ", ".join(os.path.basename(path) for path in debris))
 
-        # data first: a bad dataset fails before any compilation
-        self.train_index = scan_split(cfg.data_dir, cfg.train_split, cfg.verify_images, cfg.bad_images)
-        self.val_index = None
-        if cfg.val_split:
-            self.val_index = scan_split(cfg.data_dir, cfg.val_split, cfg.verify_images, cfg.bad_images)
-            check_same_classes(self.train_index, self.val_index)
-        self.class_names = self.train_index.classes
+        # the task (engine/tasks) says which data, loss and metrics; data first: a bad dataset fails before
+        # any compilation
+        from .tasks import resolve, task_options
+        self.task = resolve(cfg)
+        self.task_options = task_options(cfg, self.task)
+        self.train_index, self.val_index, self.class_names = self.task.scan(cfg)
         self.num_classes = cfg.num_classes or len(self.class_names)
         if self.num_classes < len(self.class_names):
             raise ConfigError(f"option 'num_classes'={self.num_classes} is smaller than the "
-                              f"{len(self.class_names)} class folders of {self.train_index.root}")
+                              f"{len(self.class_names)} classes of {cfg.data_dir}")
         self.steps_per_epoch = steps_per_epoch(len(self.train_index), cfg.batch_size, self.group_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.global_batch = cfg.batch_size * self.group_size
@@ -169,9 +167,8 @@ class Trainer:
 
     def _build_step(self):
         from mindspore import nn
-        from .losses import SmoothedCrossEntropy
         from .optim import create_optimizer, optimizer_state
-        from .step import EMA, NetWithLoss, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
+        from .step import EMA, RankSync, TrainStep, create_loss_scaler, loss_scaler_state
         cfg = self.cfg
         self.optimizer, self.schedule, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
@@ -184,8 +181,8 @@ class Trainer:
         if self.group_size > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=self.group_size)
             self.sync = RankSync(self.group_size)
-        loss = SmoothedCrossEntropy(cfg.label_smoothing)
-        self.train_step = TrainStep(NetWithLoss(self.network, loss), self.optimizer, self.loss_scaler,
+        net_with_loss = self.task.loss_network(self.network, cfg, self.num_classes)
+        self.train_step = TrainStep(net_with_loss, self.optimizer, self.loss_scaler,
                                     cfg.clip_grad_norm, self.ema, reducer, self.group_size)
 
     # ---- state and checkpoints ----------------------------------------------------------------------
@@ -199,7 +196,7 @@ class Trainer:
         return state
 
     def _meta(self):
-        return {"model": self.cfg.model, "num_classes": self.num_classes, "class_names": self.class_names,
+        return {"model": self.cfg.model, "task": self.task.NAME, "num_classes": self.num_classes, "class_names": self.class_names,
                 "epochs_done": self.epochs_done, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step(), "steps_per_epoch": self.steps_per_epoch,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "config": self.cfg.to_yaml(),
@@ -302,11 +299,9 @@ class Trainer:
                       f"epoch, global step {self.global_step()}")
 
     # ---- evaluation ---------------------------------------------------------------------------------
-    def _predict(self, images):
-        return self.network(self.ms.Tensor(images)).asnumpy()
-
     def validate(self):
-        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema)."""
+        """Validation metrics of the current weights (EMA weights when EMA is on and eval_ema): the task's
+        ``validate`` result, holding its PRIMARY_METRIC (top1 for classification)."""
         if self.val_index is None:
             return None
         use_ema = self.ema is not None and self.cfg.eval_ema
@@ -317,14 +312,13 @@ class Trainer:
                 raw[name].set_data(self.ms.Tensor(ema_param.asnumpy()))
         self.network.set_train(False)
         try:
-            dataset = eval_dataset(self.cfg, self.val_index)
-            meter = evaluate(self._predict, dataset, self.num_classes)
+            result = self.task.validate(self.network, self.cfg, self.val_index, self.num_classes)
         finally:
             self.network.set_train(True)
             if use_ema:
                 for param, value in originals:
                     param.set_data(self.ms.Tensor(value))
-        return meter.result()
+        return result
 
     # ---- training -----------------------------------------------------------------------------------
     def _log_setup(self):
@@ -378,7 +372,7 @@ class Trainer:
         while self.epochs_done < cfg.epochs:
             epoch = self.epochs_done
             epoch_start, epoch_losses = time.time(), []
-            dataset = train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch, self.group_size,
+            dataset = self.task.train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch, self.group_size,
                                     self.rank)
             if self.step_in_epoch:
                 dataset = dataset.skip(self.step_in_epoch)
@@ -424,13 +418,14 @@ class Trainer:
             self._check_state_finite()
             if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
                 last_val = self.validate()
-                record.update(val_top1=last_val["top1"], val_top5=last_val["top5"], val_loss=last_val["loss"])
-                improved = self.best_top1 is None or last_val["top1"] > self.best_top1
+                record.update(self.task.record(last_val))
+                score = last_val[self.task.PRIMARY_METRIC]  # best_top1 holds the task's primary metric
+                improved = self.best_top1 is None or score > self.best_top1
                 if improved:
-                    self.best_top1, self.best_epoch = last_val["top1"], self.epochs_done
-                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} val top-1 {last_val['top1']:.2f}% top-5 "
-                              f"{last_val['top5']:.2f}% loss {last_val['loss']:.4f} (best {self.best_top1:.2f}% "
-                              f"at epoch {self.best_epoch}); epoch time {format_duration(record['epoch_time_s'])}")
+                    self.best_top1, self.best_epoch = score, self.epochs_done
+                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} {self.task.describe(last_val)} (best "
+                              f"{self.task.PRIMARY_METRIC} {self.best_top1:.2f} at epoch {self.best_epoch}); "
+                              f"epoch time {format_duration(record['epoch_time_s'])}")
                 if improved:
                     self._save(BEST)
             record["best_top1"] = self.best_top1
@@ -448,7 +443,7 @@ class Trainer:
                 break
         elapsed = time.time() - start
         self.log.info(f"finished at step {self.global_step()} in {format_duration(elapsed)}"
-                      + (f"; best val top-1 {self.best_top1:.2f}% (epoch {self.best_epoch})"
+                      + (f"; best val {self.task.PRIMARY_METRIC} {self.best_top1:.2f} (epoch {self.best_epoch})"
                          if self.best_top1 is not None else ""))
         return {"global_step": self.global_step(), "epochs_done": self.epochs_done, "best_top1": self.best_top1,
                 "best_epoch": self.best_epoch, "last_val": last_val, "time_s": elapsed,

@@ -2,6 +2,8 @@
 
 - ``DropPath``: stochastic depth (drops whole residual branches per sample while training).
 - ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
+- ``GELU``, ``LayerNorm``: fused C++ kernels on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
+  ops elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
 - ``build_model``: calls a model class with its registered defaults plus user overrides, rejecting
@@ -9,6 +11,7 @@
 - ``to_2tuple``, ``check_stage_lists``, ``check_out_indices``: argument normalisation and checks.
 """
 import inspect
+import warnings
 
 import numpy as np
 import mindspore as ms
@@ -86,10 +89,62 @@ class DropPath(nn.Cell):
         mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         # floor(keep + U[0,1)) is 1 with probability keep, else 0: one Bernoulli draw per sample
         keep = ops.floor(self.keep_prob + ops.rand(mask_shape, dtype=x.dtype))
-        return x * keep / self.keep_prob
+        # explicit broadcast: an implicitly broadcasting Mul keeps ~4x its output alive on CPU
+        return x * ops.broadcast_to(keep / self.keep_prob, x.shape)
 
     def extend_repr(self):
         return f"drop_prob={self.drop_prob}"
+
+
+def _cpu_kernel(name, device_target, *args):
+    """``acmix_ms.kernels.transformer_cpu.<name>(*args)`` on the CPU backend, None elsewhere or when the C++
+    cannot be built (with a warning)."""
+    if (device_target or ms.get_context("device_target")) != "CPU":
+        return None
+    try:
+        from acmix_ms.kernels import transformer_cpu  # compiles the C++ at first use
+        return getattr(transformer_cpu, name)(*args)
+    except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+        warnings.warn(f"{name}: the CPU kernel is not available ({error}); using MindSpore's ops")
+        return None
+
+
+class GELU(nn.Cell):
+    """Exact GELU x * Phi(x) (torch's default). Inputs/outputs: any shape.
+
+    On the CPU backend with float32 inputs it runs the fused kernel ``CpuGelu`` (one pass forward and
+    backward; MindSpore's own exact GELU is five kernels and keeps several full-size temporaries alive);
+    elsewhere, for other dtypes, when the kernel cannot be built (warning), or after
+    ``set_fused_kernels(net, False)``, it runs ``nn.GELU(approximate=False)``. Both give the same values
+    (tests/test_transformer_fast.py).
+
+    Args:
+        device_target: the device whose kernel to use; None: the context's ``device_target``.
+    """
+
+    def __init__(self, device_target=None):
+        super().__init__()
+        self.reference = nn.GELU(approximate=False)
+        self.kernel = _cpu_kernel("CpuGelu", device_target)
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x)
+        return self.reference(x)
+
+
+def set_fused_kernels(network, enabled):
+    """Switch the fused CPU kernels of the transformer layers (``GELU``, ``LayerNorm``) of ``network`` on or off (off:
+    standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
+    afterwards (on) or were switched off (off)."""
+    count = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, (GELU, LayerNorm)) and cell.kernel is not None:
+            if cell.use_kernel != enabled or enabled:
+                count += 1
+            cell.use_kernel = bool(enabled)
+    return count
 
 
 class Mlp(nn.Cell):
@@ -104,7 +159,7 @@ class Mlp(nn.Cell):
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Dense(in_features, hidden_features)
-        self.act = nn.GELU(approximate=False)
+        self.act = GELU()
         self.fc2 = nn.Dense(hidden_features, out_features)
         self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
 
@@ -168,6 +223,26 @@ def build_model(model_class, defaults, overrides):
     return model_class(**{**defaults, **overrides})
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last axis (same parameters ``gamma``/``beta``, same results) that runs the fused
+    kernel ``CpuLayerNorm`` on the CPU backend for float32 inputs (one pass per row forward and backward;
+    MindSpore's LayerNormGrad is the slowest op of a Swin training step on CPU). Elsewhere, for other dtypes,
+    when the kernel cannot be built (warning), or after ``set_fused_kernels(net, False)``: ``nn.LayerNorm``.
+
+    Inputs: (..., C). Outputs: same shape.
+    """
+
+    def __init__(self, dim, eps, device_target=None):
+        super().__init__((dim,), epsilon=eps, dtype=ms.float32)
+        self.kernel = _cpu_kernel("CpuLayerNorm", device_target, eps)
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x, self.gamma, self.beta)[0]
+        return super().construct(x)
+
+
 def layer_norm(dim, eps):
     """LayerNorm over the last axis with torch's eps (MindSpore's default eps is 1e-7)."""
-    return nn.LayerNorm((dim,), epsilon=eps, dtype=ms.float32)
+    return LayerNorm(dim, eps)

@@ -158,7 +158,7 @@ class PyramidVisionTransformer(nn.Cell):
             pos = ops.concat((pos_embed[:, :1], self._resized_pos_embed(pos_embed[:, 1:], stage, height, width)), 1)
         else:
             pos = self._resized_pos_embed(pos_embed, stage, height, width)
-        tokens = pos_drop(tokens + pos.astype(tokens.dtype))
+        tokens = pos_drop(tokens + ops.broadcast_to(pos.astype(tokens.dtype), tokens.shape))  # explicit: see layers.DropPath
         for block in blocks:
             tokens = block(tokens, height, width)
         return tokens, height, width
@@ -203,6 +203,8 @@ class PyramidVisionTransformer(nn.Cell):
 
 _TINY = dict(depths=(2, 2, 2, 2))
 _SMALL = dict(depths=(3, 4, 6, 3))
+_MEDIUM = dict(depths=(3, 4, 18, 3))
+_LARGE = dict(depths=(3, 8, 27, 3))
 
 
 def _pvt(config, num_classes, in_chans, overrides, rate_mode):
@@ -232,3 +234,27 @@ def pvt_tiny_acmix(num_classes=1000, in_chans=3, **overrides):
 def pvt_small_acmix(num_classes=1000, in_chans=3, **overrides):
     """PVT-ACmix-S (proposal P2)."""
     return _pvt(_SMALL, num_classes, in_chans, overrides, "learnable")
+
+
+@register_model(paper={"params_m": 44.2, "gmacs": 6.7, "top1": 81.2})
+def pvt_medium(num_classes=1000, in_chans=3, **overrides):
+    """PVT-M (v1) baseline."""
+    return _pvt(_MEDIUM, num_classes, in_chans, overrides, "attention")
+
+
+@register_model(paper={"params_m": 61.4, "gmacs": 9.8, "top1": 81.7})
+def pvt_large(num_classes=1000, in_chans=3, **overrides):
+    """PVT-L (v1) baseline."""
+    return _pvt(_LARGE, num_classes, in_chans, overrides, "attention")
+
+
+@register_model
+def pvt_medium_acmix(num_classes=1000, in_chans=3, **overrides):
+    """PVT-ACmix-M (proposal P2, placed as in PVT-ACmix-T/S; not in the paper's Table 1)."""
+    return _pvt(_MEDIUM, num_classes, in_chans, overrides, "learnable")
+
+
+@register_model
+def pvt_large_acmix(num_classes=1000, in_chans=3, **overrides):
+    """PVT-ACmix-L (proposal P2; the backbone of the paper's Table 5 RetinaNet)."""
+    return _pvt(_LARGE, num_classes, in_chans, overrides, "learnable")

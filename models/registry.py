@@ -8,15 +8,17 @@ import fnmatch
 
 _MODELS = {}
 _PAPER_INFO = {}
+_TASKS = {}
 
 
-def register_model(fn=None, *, paper=None):
+def register_model(fn=None, *, paper=None, task="classification"):
     """Register a model constructor under its function name.
 
     Args:
         fn: the constructor, ``fn(num_classes=1000, **kwargs) -> nn.Cell``.
         paper: optional dict of the paper's figures for the model, e.g.
             ``{"params_m": 10.6, "gmacs": 2.3, "top1": 77.8}`` (used by tools/model_table.py).
+        task: what the model does (a module of ``engine.tasks``): the run config's default ``task``.
     """
     def _register(func):
         name = func.__name__
@@ -24,6 +26,7 @@ def register_model(fn=None, *, paper=None):
             raise ValueError(f"model {name!r} is registered twice")
         _MODELS[name] = func
         _PAPER_INFO[name] = dict(paper or {})
+        _TASKS[name] = task
         return func
 
     if fn is None:
@@ -44,6 +47,12 @@ def paper_info(name):
     """The paper's figures recorded for ``name`` at registration (may be empty)."""
     _check_name(name)
     return dict(_PAPER_INFO[name])
+
+
+def model_task(name):
+    """The task ``name`` was registered for ('classification', 'detection', ...)."""
+    _check_name(name)
+    return _TASKS[name]
 
 
 def _check_name(name):

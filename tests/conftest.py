@@ -2,10 +2,12 @@
 
 The datasets are real Fashion-MNIST images converted with tools/prepare_fashion_mnist.py when Debian's
 ``dataset-fashion-mnist`` package is installed, otherwise generated PNGs with a learnable class signal
-(each class has its own bright rectangle). Fixtures are session-scoped so data are written once.
+(each class has its own bright rectangle); the run's header and a warning say which. Fixtures are
+session-scoped so data are written once.
 """
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -63,6 +65,17 @@ if not is_model(TEST_MODEL):
     register_model(_test_tinynet)
 
 
+FALLBACK_NOTE = (f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR}): the engine tests use generated images "
+                 f"instead (apt-get install dataset-fashion-mnist; tools/run_tests.sh does it as root)")
+
+
+def pytest_report_header(config):
+    """Say at the top of every run which data the engine tests use (the switch is never silent)."""
+    if fashion_mnist_available():
+        return f"test images: Fashion-MNIST subsets from {FASHION_MNIST_DIR}"
+    return "test images: GENERATED. " + FALLBACK_NOTE
+
+
 def fashion_mnist_available():
     return os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 
@@ -88,6 +101,7 @@ def make_image_folder(root, train_per_class, val_per_class):
         from tools.prepare_fashion_mnist import prepare
         prepare(root, train_per_class=train_per_class, val_per_class=val_per_class, log=lambda *_: None)
         return root, "fashion-mnist"
+    warnings.warn(FALLBACK_NOTE, UserWarning)
     classes = [f"class_{i}" for i in range(10)]
     write_generated_split(root, "train", classes, train_per_class, seed=0)
     write_generated_split(root, "val", classes, val_per_class, seed=1)

@@ -51,18 +51,6 @@ def check_train_step(net, images, num_classes, exempt_suffixes=("conv_p.bias",),
     assert unchanged == set(dead), f"parameters without gradient: {sorted(unchanged - set(dead))[:10]}"
 
 
-class Consistency(nn.Cell):
-    """Graph of construct(x), forward_head(forward_features(x)) and forward_features(x) of one network."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, x):
-        features = self.net.forward_features(x)
-        return self.net(x), self.net.forward_head(features), features
-
-
 class Features(nn.Cell):
     """Graph of (construct(x), forward_features(x)) for a network built with out_indices."""
 

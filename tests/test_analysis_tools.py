@@ -78,7 +78,7 @@ def test_rates_read_back_from_checkpoint(rated_model, tmp_path):
         assert (rate1, rate2) == pytest.approx((raw1 + 10.0, raw2 + 10.0), rel=1e-6)
 
 
-def test_plot_rates_cli_table_and_png(rated_model, tmp_path, capsys):
+def test_plot_rates_cli_table_and_png(rated_model, tmp_path):
     model, expected = rated_model
     path = str(tmp_path / "weights.ckpt")
     save_checkpoint(path, model.parameters_and_names())
@@ -93,12 +93,17 @@ def test_plot_rates_cli_table_and_png(rated_model, tmp_path, capsys):
         assert float(cells[2]) == pytest.approx(rate1, abs=5e-5)
         assert float(cells[3]) == pytest.approx(rate2, abs=5e-5)
         assert float(cells[4]) == pytest.approx(math.log(rate1 / rate2), abs=5e-5)
-    try:
-        import matplotlib  # noqa: F401
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    except ImportError:
-        assert not png.exists()
-        assert "matplotlib is not installed" in capsys.readouterr().err
+    # the PNG: test_plot_rates_cli_writes_the_png (with matplotlib), test_plot_rates_without_matplotlib_... (without)
+
+
+def test_plot_rates_cli_writes_the_png(rated_model, tmp_path):
+    pytest.importorskip("matplotlib", reason="the PNG needs matplotlib (the 'plot' extra); without it the CLI "
+                                             "writes the table only, as the next test checks")
+    path = str(tmp_path / "weights.ckpt")
+    save_checkpoint(path, rated_model[0].parameters_and_names())
+    png = tmp_path / "rates.png"
+    assert plot_rates.main(["--checkpoint", path, "--out", str(tmp_path / "rates.md"), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_rates_without_matplotlib_skips_the_png(rated_model, tmp_path, monkeypatch, capsys):
@@ -289,6 +294,41 @@ def test_ablation_tables_group_rate_and_shift_variants(tmp_path):
     assert [row[10] for row in rate_rows] == ["1.00x", "2.00x"]
     _, shift_rows = _table(text, "(Table 7)")
     assert [row[0] for row in shift_rows] == ["shift_tensor", "learnable"]
+
+
+def test_ablation_summary_mean_std_over_seeds_and_rates():
+    budget = ablation.budget_of(ablation.parse_args(["--quick"]))
+    top1 = {"learnable": [80.0, 82.5, 86.0], "conv_baseline": [84.0, 85.0, 89.0], "shift_tensor": [70.0, 71.0, 75.0]}
+    results = []
+    for variant, values in top1.items():
+        for seed, value in enumerate(values):
+            result = dict(_fake_result(variant, budget, value), seed=seed)
+            if variant == "learnable":
+                result["rates"] = [["layer1.0", 0.4 + 0.1 * seed, 0.6], ["layer2.0", 0.9, None]]
+            results.append(result)
+    text = ablation.summary_tables(results)
+    _, rows = _table(text, "Table 6 (mean ± std)")
+    assert [row[0] for row in rows] == ["learnable", "conv_baseline"]
+    for row, values in zip(rows, (top1["learnable"], top1["conv_baseline"])):
+        assert row[3] == "0, 1, 2"
+        assert row[5] == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+    _, rows = _table(text, "Table 7 (mean ± std)")
+    assert [row[0] for row in rows] == ["shift_tensor", "learnable"]
+    _, rows = _table(text, "Fig. 5")
+    assert rows == [["learnable", "layer1.0", "3", "0.50 ± 0.10", "0.60 ± 0.00",
+                     f"{np.mean(np.log([0.4 / 0.6, 0.5 / 0.6, 0.6 / 0.6])):.2f} ± "
+                     f"{np.std(np.log([0.4 / 0.6, 0.5 / 0.6, 0.6 / 0.6]), ddof=1):.2f}"]]
+    assert ablation.mean_std([3.0]) == "3.00 ± —" and ablation.mean_std([None]) == "—"
+
+
+def test_ablation_defaults_full_data_three_seeds():
+    args = ablation.parse_args(["--family", "resnet"])
+    assert args.seeds == [0, 1, 2] and args.train_per_class is None and not args.subset
+    from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+    assert args.data_dir == DEFAULT_SOURCE
+    cfg = ablation.run_config(args, "learnable", 1, args.data_dir, "runs/x")
+    assert (cfg.batch_size, cfg.image_size, cfg.in_chans, cfg.seed) == (128, 28, 1, 1)
+    assert "--train_per_class" not in ablation._child_argv(args, "learnable", 1)
 
 
 @pytest.mark.slow

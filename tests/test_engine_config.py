@@ -15,9 +15,26 @@ def write_yaml(path, values):
     return str(path)
 
 
-def test_defaults_come_from_the_schema():
-    cfg = build_config()
-    assert cfg.to_dict() == {opt.name: opt.default for opt in TRAIN_OPTIONS}
+# The defaults (the torchvision ImageNet recipe), written out: a changed default must
+# show here, not be compared with itself.
+EXPECTED_DEFAULTS = {
+    "model": None, "num_classes": None, "in_chans": 3, "train_split": "train", "val_split": "val",
+    "image_size": 224, "crop_pct": 0.875, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225], "batch_size": 128, "scale": [0.08, 1.0], "hflip": 0.5, "mixup": 0.0,
+    "cutmix": 0.0, "label_smoothing": 0.1, "opt": "sgd", "lr": 0.1, "min_lr": 0.0, "warmup_epochs": 0.0,
+    "epochs": 90, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "decay_all_params": False,
+    "no_decay_keywords": ["relative_position_bias_table", "pos_embed", "absolute_pos_embed", "cls_token",
+                          "rate1", "rate2"],
+    "clip_grad_norm": None, "ema_decay": None, "amp_level": "O0", "loss_scale": "none", "device_target": None,
+    "mode": "graph", "seed": 42, "resume": None, "overwrite": False, "stop_at_step": None,
+}
+
+
+def test_defaults_are_the_documented_values():
+    values = build_config().to_dict()
+    assert set(values) == set(SCHEMA_NAMES)  # every option of the schema, nothing else
+    assert {key: values[key] for key in EXPECTED_DEFAULTS} == EXPECTED_DEFAULTS
+    assert values["ratio"] == pytest.approx([3 / 4, 4 / 3])
 
 
 def test_file_then_command_line_priority(tmp_path):

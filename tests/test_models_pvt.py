@@ -11,7 +11,8 @@ from mindspore import nn
 
 import models
 from models.profile import count_params
-from model_helpers import Consistency, Features, random_images
+import network_reference as net_ref
+from model_helpers import Features, random_images
 from test_models_swin import check_transformer_train_step
 
 PVT_MODELS = ("pvt_tiny", "pvt_small", "pvt_tiny_acmix", "pvt_small_acmix")
@@ -37,23 +38,6 @@ def official_style_names(net):
 
 def blocks_of(net):
     return [block for i in range(1, 5) for block in getattr(net, f"block{i}")]
-
-
-def layer_norm_np(x, eps):
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-
-
-def bilinear_half_pixel(grid, out_h, out_w):
-    """torch's F.interpolate(mode='bilinear', align_corners=False) of a (C, h, w) array, in NumPy."""
-    def axis(out_size, in_size):
-        src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
-        low = np.minimum(np.floor(src).astype(int), in_size - 1)
-        return low, np.minimum(low + 1, in_size - 1), src - low
-    r0, r1, fr = axis(out_h, grid.shape[1])
-    c0, c1, fc = axis(out_w, grid.shape[2])
-    top = grid[:, r0][:, :, c0] * (1 - fc) + grid[:, r0][:, :, c1] * fc
-    bottom = grid[:, r1][:, :, c0] * (1 - fc) + grid[:, r1][:, :, c1] * fc
-    return top * (1 - fr)[:, None] + bottom * fr[:, None]
 
 
 # ------------------------------------------------------------------------------ registry and sizes
@@ -152,7 +136,7 @@ def test_position_embeddings_are_resized_bilinearly():
     np.testing.assert_array_equal(same.asnumpy(), table.asnumpy())
     resized = net._resized_pos_embed(table, 1, 5, 11).asnumpy()
     grid = table.asnumpy()[0].T.reshape(32, 8, 8)
-    expected = bilinear_half_pixel(grid, 5, 11).reshape(32, 55).T[None]
+    expected = net_ref.bilinear_half_pixel(grid, 5, 11).reshape(32, 55).T[None]
     assert resized.shape == (1, 55, 32)
     np.testing.assert_allclose(resized, expected, rtol=1e-5, atol=1e-6)
 
@@ -186,19 +170,36 @@ def test_narrow_small_model_trains_one_step(name):
 
 @pytest.fixture(scope="module")
 def narrow_acmix():
+    """Narrow PVT-ACmix-T with random parameters under which every layer matters."""
     net = models.create_model("pvt_tiny_acmix", num_classes=7, **NARROW)
+    net_ref.sensitive_parameters_(net, seed=5)
     net.set_train(False)
     return net
 
 
-@pytest.mark.parametrize("size", [64, 71])
-def test_forward_features_and_head_agree_with_construct(narrow_acmix, size):
-    # 71 px: not the built size and odd; position embeddings are interpolated, remainders dropped
-    logits, head, features = Consistency(narrow_acmix)(random_images(2, 3, size, seed=1))
-    assert logits.shape == (2, 7) and np.all(np.isfinite(logits.asnumpy()))
-    np.testing.assert_allclose(head.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
-    last = size // 32
-    assert features.shape == (2, 1 + last * last, 64)  # cls token + stage-4 patch tokens
+def reference(net, x):
+    """(features, logits, stage maps) of the NumPy PVT-ACmix with the parameters of ``net``."""
+    return net_ref.pvt_forward(x, net_ref.parameters_of(net), NARROW["img_size"], 4, NARROW["num_heads"], (8, 8, 4, 4),
+                               (8, 4, 2, 1), NARROW["depths"], dict(kernel_conv=3, shift_impl="learnable",
+                                                                    rate_mode="learnable"))
+
+
+def test_logits_and_features_match_the_numpy_reference_at_another_size(narrow_acmix):
+    # 71 px: not the built size (64) and odd; position embeddings are interpolated, remainders dropped.
+    # The built size, with mutation checks: tests/test_network_reference.py.
+    x = np.random.default_rng(1).standard_normal((2, 3, 71, 71))
+    logits, features = Features(narrow_acmix)(ms.Tensor(x.astype(np.float32)))
+    expected_features, expected_logits, _ = reference(narrow_acmix, x)
+    assert logits.shape == (2, 7) and features.shape == (2, 1 + 2 * 2, 64)  # cls token + stage-4 patch tokens
+    assert net_ref.relative_error(features.asnumpy(), expected_features) < 1e-4
+    assert net_ref.relative_error(logits.asnumpy(), expected_logits) < 1e-4
+
+
+def test_forward_head_reads_the_cls_token(narrow_acmix):
+    tokens = np.random.default_rng(4).standard_normal((2, 5, 64)).astype(np.float32)
+    params = net_ref.parameters_of(narrow_acmix)
+    expected = tokens[:, 0] @ params["head.weight"].T + params["head.bias"]
+    np.testing.assert_allclose(narrow_acmix.forward_head(ms.Tensor(tokens)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_out_indices_return_documented_strides_and_channels(narrow_acmix):
@@ -208,14 +209,15 @@ def test_out_indices_return_documented_strides_and_channels(narrow_acmix):
     assert [info["reduction"] for info in net.feature_info] == [4, 8, 16, 32]
     assert [info["channels"] for info in net.feature_info] == [16, 32, 48, 64]
     size = 48
-    stages, tokens = Features(net)(random_images(2, 3, size, seed=2))
+    x = np.random.default_rng(2).standard_normal((2, 3, size, size))
+    stages, tokens = Features(net)(ms.Tensor(x.astype(np.float32)))
+    expected_tokens, _, expected_stages = reference(net, x)
     assert len(stages) == 3
     for stage, index in zip(stages, (0, 1, 3)):
         info = net.feature_info[index]
         assert stage.shape == (2, info["channels"], size // info["reduction"], size // info["reduction"])
-    # stage 4's map holds the patch tokens; normalised, they are forward_features without the cls token
-    patch_tokens = stages[-1].asnumpy().reshape(2, 64, -1).transpose(0, 2, 1)
-    np.testing.assert_allclose(layer_norm_np(patch_tokens, 1e-6), tokens.asnumpy()[:, 1:], rtol=1e-4, atol=1e-4)
+        assert net_ref.relative_error(stage.asnumpy(), expected_stages[index]) < 1e-4
+    assert net_ref.relative_error(tokens.asnumpy(), expected_tokens) < 1e-4
 
 
 def test_too_small_input_raises_with_the_minimum_size(narrow_acmix):
@@ -225,8 +227,13 @@ def test_too_small_input_raises_with_the_minimum_size(narrow_acmix):
 
 
 @pytest.mark.slow
-def test_full_size_pvt_tiny_acmix_forward_224():
+def test_full_size_pvt_tiny_acmix_forward_224_matches_the_numpy_reference():
     net = models.create_model("pvt_tiny_acmix")
+    params = net_ref.sensitive_parameters_(net, seed=6)
     net.set_train(False)
-    logits = net(random_images(1, 3, 224)).asnumpy()
-    assert logits.shape == (1, 1000) and np.all(np.isfinite(logits))
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224))
+    logits = net(ms.Tensor(x.astype(np.float32))).asnumpy()
+    _, expected, _ = net_ref.pvt_forward(x, params, 224, 4, (1, 2, 5, 8), (8, 8, 4, 4), (8, 4, 2, 1), (2, 2, 2, 2),
+                                         dict(kernel_conv=3, shift_impl="learnable", rate_mode="learnable"))
+    assert logits.shape == (1, 1000)
+    assert net_ref.relative_error(logits, expected) < 1e-4

@@ -3,7 +3,8 @@
 Full-size models are only built (parameter counts, layout, init); graphs run on narrow variants
 (layers [1, 1, 1, 1], base width 16, 28-64 px, batch 2) in graph mode. The 26/38/50 variants share
 one narrow graph once their depths are overridden, so only one of each kind trains in the default run;
-the others train under ``-m slow``. ``train_step`` and ``Consistency`` are reused by test_models_san.py.
+the others train under ``-m slow``. Logits, features and stage maps are checked against the NumPy network
+reference (tests/network_reference.py).
 """
 import os
 
@@ -18,7 +19,8 @@ import models
 from models.profile import count_params
 from models.resnet import ResNet
 
-from model_helpers import Consistency, Features, check_train_step, random_images
+import network_reference as net_ref
+from model_helpers import Features, check_train_step, random_images
 
 BASELINES = ("resnet26", "resnet38", "resnet50")
 ACMIX = ("resnet26_acmix", "resnet38_acmix", "resnet50_acmix")
@@ -219,25 +221,52 @@ def test_narrow_model_trains_one_step_other_depths(name):
 
 @pytest.mark.parametrize("name, size, reductions", [("resnet_tiny", 28, (1, 2, 4, 8)),
                                                     ("resnet26", 64, (4, 8, 16, 32))])
-def test_forward_features_and_head_agree_with_construct(name, size, reductions):
+def test_logits_and_features_match_the_numpy_reference(name, size, reductions):
+    """construct and forward_features against the NumPy network (tests/network_reference.py), with
+    parameters under which every layer matters (a wrong layer or wiring shows far above the tolerance)."""
     overrides = {} if name == "resnet_tiny" else NARROW
     net = models.create_model(name, num_classes=7, in_chans=1, **overrides)
     net.set_train(False)
-    logits, head, features = Consistency(net)(random_images(2, 1, size, seed=1))
-    assert logits.shape == (2, 7)
-    np.testing.assert_allclose(head.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
+    stem = "cifar" if name == "resnet_tiny" else "imagenet"
+
+    def forward(x, params, calibrate=False):
+        return net_ref.resnet_forward(x, params, (1, 1, 1, 1), stem=stem, calibrate=calibrate)
+
+    params = net_ref.sensitive_network_(net, forward, (4, 1, size, size))
+    x = np.random.default_rng(1).standard_normal((2, 1, size, size))
+    logits, features = Features(net)(ms.Tensor(x.astype(np.float32)))
+    expected_features, expected_logits, _ = forward(x, params)
     last = -(-size // reductions[-1])
-    assert features.shape == (2, net.num_features, last, last)
+    assert features.shape == (2, net.num_features, last, last) and logits.shape == (2, 7)
+    assert net_ref.relative_error(features.asnumpy(), expected_features) < 1e-4
+    assert net_ref.relative_error(logits.asnumpy(), expected_logits) < 1e-4
+
+
+def test_forward_head_pools_then_classifies():
+    net = models.create_model("resnet_tiny", num_classes=7)
+    params = net_ref.sensitive_parameters_(net)
+    features = np.random.default_rng(4).standard_normal((2, net.num_features, 3, 5)).astype(np.float32)
+    expected = features.mean(axis=(2, 3)) @ params["fc.weight"].T + params["fc.bias"]
+    np.testing.assert_allclose(net.forward_head(ms.Tensor(features)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_out_indices_return_documented_strides_and_channels():
     net = models.create_model("resnet26_acmix", num_classes=0, out_indices=(0, 1, 2, 3), **NARROW, kernel_att=3)
     net.set_train(False)
-    stages, last = Features(net)(random_images(2, 3, 64, seed=2))
+
+    def forward(x, params, calibrate=False):
+        return net_ref.resnet_forward(x, params, (1, 1, 1, 1), calibrate=calibrate,
+                                      acmix=dict(num_heads=4, kernel_att=3, kernel_conv=3))
+
+    params = net_ref.sensitive_network_(net, forward, (4, 3, 64, 64))
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 64))
+    stages, last = Features(net)(ms.Tensor(x.astype(np.float32)))
+    expected_last, _, expected_stages = forward(x, params)
     assert len(stages) == 4
-    for stage, info in zip(stages, net.feature_info):
+    for stage, info, expected in zip(stages, net.feature_info, expected_stages):
         assert stage.shape == (2, info["channels"], 64 // info["reduction"], 64 // info["reduction"])
-    np.testing.assert_array_equal(stages[-1].asnumpy(), last.asnumpy())
+        assert net_ref.relative_error(stage.asnumpy(), expected) < 1e-4
+    assert net_ref.relative_error(last.asnumpy(), expected_last) < 1e-4
     assert [info["reduction"] for info in net.feature_info] == [4, 8, 16, 32]
     assert [info["channels"] for info in net.feature_info] == [64, 128, 256, 512]
 

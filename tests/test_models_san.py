@@ -13,7 +13,8 @@ import mindspore as ms
 import acmix_ms
 import models
 from models.profile import count_params
-from model_helpers import Consistency, Features, check_train_step, random_images
+import network_reference as net_ref
+from model_helpers import Features, check_train_step, random_images
 
 BASELINES = ("san10", "san15", "san19")
 ACMIX = ("san10_acmix", "san15_acmix", "san19_acmix")
@@ -152,25 +153,35 @@ def test_narrow_model_trains_one_step_other_depths(name):
     check_train_step(net, random_images(2, 3, 64), 5)
 
 
-def test_forward_features_and_head_agree_with_construct():
-    net = models.create_model("san10_acmix", num_classes=7, in_chans=1, **NARROW)
-    net.set_train(False)
-    logits, head, features = Consistency(net)(random_images(2, 1, 64, seed=1))
-    assert logits.shape == (2, 7)
-    np.testing.assert_allclose(head.asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-5)
-    assert features.shape == (2, net.num_features, 2, 2)
+def test_forward_head_pools_then_classifies():
+    # logits and features of a whole SAN-ACmix against the NumPy network: tests/test_network_reference.py
+    net = models.create_model("san10_acmix", num_classes=7, **NARROW)
+    params = net_ref.sensitive_parameters_(net)
+    features = np.random.default_rng(4).standard_normal((2, net.num_features, 2, 3)).astype(np.float32)
+    expected = features.mean(axis=(2, 3)) @ params["fc.weight"].T + params["fc.bias"]
+    np.testing.assert_allclose(net.forward_head(ms.Tensor(features)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_out_indices_return_documented_strides_and_channels():
-    net = models.create_model("san10", num_classes=0, out_indices=(0, 2, 4), **NARROW)
+    net = models.create_model("san10", num_classes=0, out_indices=(0, 2, 4), in_chans=1, **NARROW)
     net.set_train(False)
-    stages, last = Features(net)(random_images(2, 3, 64, seed=2))
+
+    def forward(x, params, calibrate=False):
+        return net_ref.san_forward(x, params, NARROW["layers"], NARROW["kernels"], {"rate_mode": "attention"},
+                                   calibrate)
+
+    params = net_ref.sensitive_network_(net, forward, (4, 1, 64, 64))
+    x = np.random.default_rng(2).standard_normal((2, 1, 64, 64))
+    stages, last = Features(net)(ms.Tensor(x.astype(np.float32)))
+    expected_last, pooled, expected_stages = forward(x, params)
     assert len(stages) == 3
     for stage, index in zip(stages, (0, 2, 4)):
         info = net.feature_info[index]
         assert stage.shape == (2, info["channels"], 64 // info["reduction"], 64 // info["reduction"])
-    np.testing.assert_array_equal(stages[-1].asnumpy(), last.asnumpy())
+        assert net_ref.relative_error(stage.asnumpy(), expected_stages[index]) < 1e-4
+    assert net_ref.relative_error(last.asnumpy(), expected_last) < 1e-4
     assert [info["channels"] for info in net.feature_info] == [32, 128, 256, 512, 1024]
+    assert pooled.shape == (2, 1024)  # num_classes 0: the reference's "logits" are the pooled features
 
 
 def test_too_small_input_raises_with_the_minimum_size():

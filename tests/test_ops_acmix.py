@@ -155,15 +155,20 @@ def build_cell(case_name):
     return cell
 
 
+_BUILT = {}  # case name -> built case: tests that narrow the cases (indirect parametrisation) reuse them
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def built(request):
     """(case name, cell, parameters as NumPy, input, float32 output) - one compilation per case."""
     case_name = request.param
-    cell = build_cell(case_name)
-    randomise_parameters(cell, case_name)
-    x = make_input(case_name)
-    out = call_cell(cell, case_name, ms.Tensor(x)).asnumpy()
-    return case_name, cell, parameters_of(cell), x, out
+    if case_name not in _BUILT:
+        cell = build_cell(case_name)
+        randomise_parameters(cell, case_name)
+        x = make_input(case_name)
+        out = call_cell(cell, case_name, ms.Tensor(x)).asnumpy()
+        _BUILT[case_name] = case_name, cell, parameters_of(cell), x, out
+    return _BUILT[case_name]
 
 
 def assert_close(actual, expected, rtol=RTOL):
@@ -205,11 +210,15 @@ def test_parameters_follow_rate_and_shift_modes(built):
                                           ref.shift_kernels(*params["dep_conv.weight"].shape[::2]))
 
 
+# rates are Parameters only with rate_mode='learnable'
+LEARNABLE_CASES = sorted(name for name, (_, kwargs, _) in CASES.items()
+                         if kwargs.get("rate_mode", "learnable") == "learnable")
+
+
+@pytest.mark.parametrize("built", LEARNABLE_CASES, indirect=True)
 def test_learnable_rates_are_used(built):
     """Changing rate2 moves the output by exactly delta * conv path (Eq. 13 is linear in the rates)."""
     case_name, cell, params, x, out = built
-    if CASES[case_name][1].get("rate_mode", "learnable") != "learnable":
-        pytest.skip("rates are Parameters only with rate_mode='learnable'")
     rate2 = dict(cell.parameters_and_names())["rate2"]
     old = rate2.asnumpy().copy()
     rate2.set_data(ms.Tensor(old + 1.0))
@@ -321,13 +330,26 @@ GRAD_CASES = ["local-s1-odd", "local-lean-s2-dilation2", "local-conv-k5-random",
               "local-s2-odd-fixedshift-fixedrates"]
 
 
+def finite_difference(function, values, index, step=1e-4):
+    """Central difference of the scalar ``function(values)`` in the element ``index`` of ``values`` (float64)."""
+    plus, minus = values.copy(), values.copy()
+    plus[index] += step
+    minus[index] -= step
+    return (function(plus) - function(minus)) / (2 * step)
+
+
 @pytest.mark.parametrize("case_name", GRAD_CASES)
-def test_gradients_reach_every_trainable_parameter(case_name):
+def test_gradients_match_finite_differences_of_the_reference(case_name):
+    """d(sum(out * probe)) with respect to the input and every trainable parameter, at the largest-gradient
+    element of each tensor (plus a random input element), equals the central finite difference of the float64
+    NumPy reference, which is non-zero there (every parameter is reached) except for conv_p.bias."""
     cell = build_cell(case_name)
     randomise_parameters(cell, case_name)
-    weights = cell.trainable_params()
-    x = ms.Tensor(make_input(case_name))
-    probe = ms.Tensor(rng_for("probe" + case_name).standard_normal(expected_shape(case_name)).astype(np.float32))
+    named = [(name, param) for name, param in cell.parameters_and_names() if param.requires_grad]
+    weights = [param for _, param in named]
+    x_np = make_input(case_name)
+    probe_np = rng_for("probe" + case_name).standard_normal(expected_shape(case_name))
+    probe = ms.Tensor(probe_np.astype(np.float32))
     family, _, (height, width) = CASES[case_name]
 
     def loss_fn(inputs):
@@ -335,13 +357,32 @@ def test_gradients_reach_every_trainable_parameter(case_name):
             return (cell(inputs, height, width) * probe).sum()
         return (cell(inputs) * probe).sum()
 
-    grads = ms.grad(loss_fn, grad_position=None, weights=weights)(x)
+    grad_x, grads = ms.grad(loss_fn, grad_position=0, weights=weights)(ms.Tensor(x_np))
     assert len(grads) == len(weights)
-    for param, grad in zip(weights, grads):
+    params = parameters_of(cell)
+    x64 = x_np.astype(np.float64)
+
+    def reference_loss(values, name=None):
+        if name is None:
+            return float((reference_output(case_name, params, values) * probe_np).sum())
+        return float((reference_output(case_name, dict(params, **{name: values}), x64) * probe_np).sum())
+
+    checks = [("input", grad_x.asnumpy(), x64, lambda v: reference_loss(v))]
+    for (name, param), grad in zip(named, grads):
         grad = grad.asnumpy()
-        assert grad.shape == tuple(param.shape), param.name
-        assert np.isfinite(grad).all(), param.name
-        assert np.abs(grad).max() > 0, f"no gradient reaches {param.name}"
+        assert grad.shape == tuple(param.shape), name
+        assert np.isfinite(grad).all(), name
+        checks.append((name, grad, params[name].astype(np.float64), lambda v, n=name: reference_loss(v, n)))
+    scale = max(np.abs(grad).max() for _, grad, _, _ in checks)
+    for name, grad, values, function in checks:
+        indices = [np.unravel_index(np.abs(grad).argmax(), grad.shape)]
+        if name == "input":
+            indices.append(tuple(rng_for("index" + case_name).integers(0, n) for n in grad.shape))
+        for index in indices:
+            expected = finite_difference(function, values, index)
+            assert grad[index] == pytest.approx(expected, rel=2e-3, abs=1e-5 * scale), (name, index)
+            # conv_p.bias adds one constant to every neighbour's logit, which softmax cancels: zero gradient
+            assert (abs(expected) > 1e-4 * scale) != name.endswith("conv_p.bias"), (name, expected)
     frozen = [p.name for p in cell.get_parameters() if p.name.endswith("dep_conv.weight") and not p.requires_grad]
     assert bool(frozen) == (CASES[case_name][1].get("shift_impl") == "fixed")
     assert not set(frozen) & {p.name for p in weights}
@@ -394,7 +435,7 @@ def test_invalid_message_lists_allowed_values():
 def test_input_smaller_than_reflection_window_raises(cell_factory, shape):
     """(ACmixLocal pads small maps by repeated reflection instead: tests/test_replace_convs.py)"""
     cell = cell_factory()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="too small for reflection padding 3 of the attention window"):
         cell(ms.Tensor(np.zeros(shape, np.float32)))
 
 
@@ -407,13 +448,13 @@ def test_input_smaller_than_reflection_window_raises(cell_factory, shape):
 ])
 def test_wrong_input_rank_raises(cell_factory, shape):
     cell = cell_factory()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{type(cell).__name__} expects a 4-D .* input, got {len(shape)}-D"):
         cell(ms.Tensor(np.zeros(shape, np.float32)))
 
 
 def test_global_wrong_rank_or_token_count_raises():
     cell = acmix_ms.ACmixGlobal(8, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ACmixGlobal expects a 3-D \(B, L, C\) input, got 4-D"):
         cell(ms.Tensor(np.zeros((1, 8, 3, 4), np.float32)), 3, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"got 12 tokens, expected num_prefix_tokens \+ H\*W = 0 \+ 3\*5"):
         cell(ms.Tensor(np.zeros((1, 12, 8), np.float32)), 3, 5)

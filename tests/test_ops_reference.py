@@ -179,7 +179,7 @@ def test_local_attention_corner_pixel_by_hand():
 
 def test_local_reflection_rejects_too_small_maps():
     x = np.zeros((1, 2, 3, 3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="reflection padding needs the pad to be smaller than the size 3"):
         ref.local_attention(x, x, x, np.zeros((2, 3, 3)), 1, 7)
 
 

@@ -67,11 +67,13 @@ class OfficialACmixLocal(nn.Module):
 class OfficialBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, k_att=7, head=4, k_conv=3):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, k_att=7, head=4, k_conv=3, acmix=True):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = OfficialACmixLocal(planes, planes, k_att, head, k_conv, stride)
+        # acmix=False: the torchvision-style baseline bottleneck (plain 3x3 convolution; for benchmarks)
+        self.conv2 = (OfficialACmixLocal(planes, planes, k_att, head, k_conv, stride) if acmix
+                      else nn.Conv2d(planes, planes, 3, stride, 1, bias=False))
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -86,8 +88,9 @@ class OfficialBottleneck(nn.Module):
 
 
 class OfficialResNetACmix(nn.Module):
-    def __init__(self, layers, num_classes=1000, k_att=7, head=4, k_conv=3, widths=(64, 128, 256, 512)):
+    def __init__(self, layers, num_classes=1000, k_att=7, head=4, k_conv=3, widths=(64, 128, 256, 512), acmix=True):
         super().__init__()
+        self.acmix = acmix
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -101,16 +104,21 @@ class OfficialResNetACmix(nn.Module):
         if stride != 1 or self.inplanes != planes * 4:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * 4))
-        layers = [OfficialBottleneck(self.inplanes, planes, stride, downsample, k_att, head, k_conv)]
+        layers = [OfficialBottleneck(self.inplanes, planes, stride, downsample, k_att, head, k_conv, self.acmix)]
         self.inplanes = planes * 4
-        layers += [OfficialBottleneck(self.inplanes, planes, 1, None, k_att, head, k_conv) for _ in range(1, blocks)]
+        layers += [OfficialBottleneck(self.inplanes, planes, 1, None, k_att, head, k_conv, self.acmix)
+                   for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> layer4 output (B, 4 * widths[-1], H/32, W/32)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return x
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.forward_features(x), 1), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,9 +135,11 @@ def _unwindows(x, ws, b, h, w):
 
 
 class OfficialWindowACmix(nn.Module):
-    """Official WindowAttention_acmix: input is the full (B, H, W, C) map after norm1 and the roll."""
+    """Official WindowAttention_acmix: input is the full (B, H, W, C) map after norm1 and the roll.
 
-    def __init__(self, dim, window_size, num_heads):
+    acmix=False: the official Swin WindowAttention (no conv path, no rates; for benchmarks)."""
+
+    def __init__(self, dim, window_size, num_heads, acmix=True):
         super().__init__()
         self.dim, self.ws, self.num_heads = dim, window_size, num_heads
         self.head_dim = dim // num_heads
@@ -140,6 +150,9 @@ class OfficialWindowACmix(nn.Module):
         self.register_buffer("relative_position_index", rel[..., 0] * (2 * window_size - 1) + rel[..., 1])
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.acmix = acmix
+        if not acmix:
+            return
         self.fc = nn.Conv2d(3 * num_heads, 9, 1)
         self.dep_conv = nn.Conv2d(9 * self.head_dim, dim, 3, padding=1, groups=self.head_dim, bias=False)
         self.rate1 = nn.Parameter(torch.tensor([0.5]))
@@ -148,9 +161,6 @@ class OfficialWindowACmix(nn.Module):
     def forward(self, x, mask):
         b, h, w, c = x.shape
         qkv = self.qkv(x)
-        groups = qkv.reshape(b, h * w, 3 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)  # (B, 3N, HW, d)
-        maps = self.fc(groups).permute(0, 3, 1, 2).reshape(b, 9 * self.head_dim, h, w)
-        out_conv = self.dep_conv(maps).permute(0, 2, 3, 1)
 
         win = _windows(qkv, self.ws)
         n_tok = self.ws * self.ws
@@ -164,6 +174,11 @@ class OfficialWindowACmix(nn.Module):
             attn = attn.view(-1, self.num_heads, n_tok, n_tok)
         out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, n_tok, c)
         out_att = _unwindows(self.proj(out), self.ws, b, h, w)
+        if not self.acmix:
+            return out_att
+        groups = qkv.reshape(b, h * w, 3 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)  # (B, 3N, HW, d)
+        maps = self.fc(groups).permute(0, 3, 1, 2).reshape(b, 9 * self.head_dim, h, w)
+        out_conv = self.dep_conv(maps).permute(0, 2, 3, 1)
         return self.rate1 * out_att + self.rate2 * out_conv
 
 
@@ -178,14 +193,14 @@ class OfficialMlp(nn.Module):
 
 
 class OfficialSwinBlock(nn.Module):
-    def __init__(self, dim, resolution, num_heads, window_size, shift_size, mlp_ratio=4.0):
+    def __init__(self, dim, resolution, num_heads, window_size, shift_size, mlp_ratio=4.0, acmix=True):
         super().__init__()
         self.resolution = resolution
         if min(resolution) <= window_size:
             window_size, shift_size = min(resolution), 0
         self.ws, self.shift = window_size, shift_size
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = OfficialWindowACmix(dim, window_size, num_heads)
+        self.attn = OfficialWindowACmix(dim, window_size, num_heads, acmix)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = OfficialMlp(dim, int(dim * mlp_ratio))
         if shift_size > 0:
@@ -232,10 +247,11 @@ class OfficialPatchMerging(nn.Module):
 
 
 class OfficialSwinStage(nn.Module):
-    def __init__(self, dim, resolution, depth, num_heads, window_size, downsample):
+    def __init__(self, dim, resolution, depth, num_heads, window_size, downsample, acmix=True):
         super().__init__()
         self.blocks = nn.ModuleList([
-            OfficialSwinBlock(dim, resolution, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2)
+            OfficialSwinBlock(dim, resolution, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2,
+                              acmix=acmix)
             for i in range(depth)])
         self.downsample = OfficialPatchMerging(resolution, dim) if downsample else None
 
@@ -257,7 +273,7 @@ class OfficialPatchEmbed(nn.Module):
 
 class OfficialSwinACmix(nn.Module):
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7):
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, acmix=True):
         super().__init__()
         self.patch_embed = OfficialPatchEmbed(patch_size, in_chans, embed_dim)
         res = img_size // patch_size
@@ -265,16 +281,22 @@ class OfficialSwinACmix(nn.Module):
         for i, depth in enumerate(depths):
             r = res // 2 ** i
             self.layers.append(OfficialSwinStage(embed_dim * 2 ** i, (r, r), depth, num_heads[i], window_size,
-                                                 downsample=i < len(depths) - 1))
+                                                 downsample=i < len(depths) - 1, acmix=acmix))
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes)
 
-    def forward(self, x):
+    def forward_features(self, x):
+        """(B, 3, H, W) -> normed last-stage tokens as a map (B, C, h, w)."""
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
-        return self.head(self.norm(x).mean(1))
+        b, length, c = x.shape
+        side = int(round(length ** 0.5))
+        return self.norm(x).transpose(1, 2).reshape(b, c, side, side)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x).mean((2, 3)))
 
 
 def randomize_(module, seed=0):
@@ -298,3 +320,41 @@ def randomize_(module, seed=0):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * (0.5 / math.sqrt(fan_in)
                                                                          if tensor.ndim > 1 else 0.1))
     return module
+
+
+def sensitive_init_(module, calibration, seed=0):
+    """Random weights under which every layer of a whole network visibly shapes its output (network parity).
+
+    ``randomize_`` shrinks each layer's output (weights 0.5 / sqrt(fan_in), BN statistics near 0 / 1): in a
+    ResNet the input's effect on the logits fades to ~1e-6 and a wrong layer goes unseen. Here instead:
+    weights are variance preserving (He normal, N(0, 2 / fan_in)); norm scales U(0.6, 1.4), biases and
+    shifts N(0, 0.2^2); ACmix rates distinct and away from their 0.5 init (rate1 U(0.15, 0.35), rate2
+    U(0.65, 0.85), so swapping them shows); then every BatchNorm gets as running statistics the batch
+    statistics of ``calibration`` (a (B, C, H, W) tensor) flowing through the network, so each BN in
+    eval mode renormalises its input to about (beta, gamma^2) instead of amplifying or erasing it.
+    Returns the module in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "rate1":
+                tensor.copy_(0.15 + 0.2 * torch.rand(tensor.shape, generator=gen))
+            elif leaf == "rate2":
+                tensor.copy_(0.65 + 0.2 * torch.rand(tensor.shape, generator=gen))
+            elif tensor.ndim > 1 and "relative_position_bias_table" not in name:
+                fan_in = tensor[0].numel()
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * math.sqrt(2.0 / fan_in))
+            elif leaf == "weight":  # BatchNorm / LayerNorm scale
+                tensor.copy_(0.6 + 0.8 * torch.rand(tensor.shape, generator=gen))
+            else:  # biases, norm shifts, position tables
+                tensor.copy_(0.2 * torch.randn(tensor.shape, generator=gen))
+        norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average: one batch sets exactly its statistics
+        module.train()
+        module(calibration)
+        for norm in norms:
+            norm.momentum = 0.1
+    return module.eval()

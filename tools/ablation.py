@@ -1,9 +1,12 @@
-"""Paper Tables 6 and 7 at small scale: train one small ACmix network per rate mode and per shift
-implementation on the Fashion-MNIST demo data with the same budget, and tabulate accuracy and speed.
+"""Paper Tables 6 and 7 and Fig. 5 at small scale, with error bars: train small ACmix networks per rate mode
+and per shift implementation, and their convolutional baseline, on all of Fashion-MNIST (60,000 training
+images, the official 10,000 test images) with the same budget and several seeds, and report mean ± std of
+top-1, throughput and the learned rates.
 
 Every variant is trained by the project's engine (``engine.trainer.Trainer``, the code behind train.py)
-from the demo recipe (``configs/demo_fashion_mnist.yaml``) with the family's recipe changes below, the
-same data, seed, epochs and batch size; only the model options differ. Variants:
+from the main job's recipe (``configs/demo_fashion_mnist_full.yaml``: IDX data in memory, 28 px grey, batch
+128, AdamW, warm-up + cosine, label smoothing) with the family's recipe changes below, the same data,
+epochs and batch size, seeds 0, 1, 2 by default; only the model options differ. Variants:
 
   rate modes (Table 6):  learnable (rates learned, init 0.5/0.5; the paper's ACmix), fixed_1_1 (F_att + F_conv),
                          attention (attention path only = the Swin / SASA baseline), conv (ACmix conv path only),
@@ -12,17 +15,19 @@ same data, seed, epochs and batch size; only the model options differ. Variants:
   shift implementations (Table 7, learnable rates): shift_tensor, shift_fixed, shift_random
                          (``learnable`` above is the group conv with shift initialisation, "Full").
 
-Reported per variant: trainable parameters, final and best validation top-1, final validation loss, the
-engine's training throughput (img/s, first step of each epoch excluded) and inference throughput of the
-trained network (graph mode, ``--eval_batch_size`` images, median of timed calls). Each variant writes
-``<output_dir>/<variant>_seed<s>/ablation.json`` beside the engine's checkpoints and logs; the table is
-rebuilt from every result of the same budget found there, so variants can be trained in several runs.
+Reported per variant and seed: trainable parameters, final and best validation top-1, final validation
+loss, the engine's training throughput (img/s, first step of each epoch excluded), inference throughput of
+the trained network (graph mode, ``--eval_batch_size`` images, median of timed calls) and the learned rates
+(rate1, rate2 of every ACmix layer: Fig. 5). The summary tables give mean ± std (sample standard deviation,
+n - 1) over the seeds. Each variant writes ``<output_dir>/<variant>_seed<s>/ablation.json`` beside the
+engine's checkpoints and logs; the tables are rebuilt from every result of the same budget found there, so
+variants and seeds can be trained in several runs.
 
-    python tools/ablation.py --out docs/ablation.md                   # all variants, default budget
-    python tools/ablation.py --variants learnable fixed_1_1 attention conv conv_baseline --out docs/ablation.md
-    python tools/ablation.py --table_only --out docs/ablation.md      # the table of what was trained
+    python tools/ablation.py --family resnet --out docs/ablation_resnet.md   # all variants, 3 seeds, full data
+    python tools/ablation.py --family swin --out docs/ablation_swin.md
+    python tools/ablation.py --family resnet --variants learnable conv_baseline --seeds 0 1 2 3 4
+    python tools/ablation.py --table_only --family resnet --out docs/ablation_resnet.md   # tables of what was trained
     python tools/ablation.py --quick                                   # tiny budget (smoke test)
-    python tools/ablation.py --family resnet ...                      # resnet_tiny_acmix instead of Swin
 """
 import argparse
 import json
@@ -38,16 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEMO_CONFIG = ROOT / "configs" / "demo_fashion_mnist.yaml"
+DEMO_CONFIG = ROOT / "configs" / "demo_fashion_mnist_full.yaml"
 RESULT_FILE = "ablation.json"
 
-# A small Swin for 32 px inputs: patch 2 -> 16x16 tokens, windows of 4 (shifted by 2), stages 16/8/4 px.
+# A small Swin for 32 px inputs (the 28 px images resized): patch 2 -> 16x16 tokens, windows of 4 (shifted by
+# 2), stages 16/8/4 px.
 SWIN_DEMO = dict(img_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=4)
 FAMILIES = {
     "swin": {"acmix": "swin_tiny_acmix", "conv_baseline": "swin_tiny_conv", "overrides": SWIN_DEMO,
-             # AdamW as Swin's recipe; lr for batch 64
-             "recipe": {"opt": "adamw", "lr": 1e-3, "weight_decay": 0.05, "clip_grad_norm": 5.0,
-                        "drop_path_rate": 0.1}},
+             # AdamW as Swin's recipe; lr 1e-3 per 64 images scaled linearly to batch 128 (not tuned)
+             "recipe": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "clip_grad_norm": 5.0,
+                        "drop_path_rate": 0.1, "image_size": 32}},
     "resnet": {"acmix": "resnet_tiny_acmix", "conv_baseline": "resnet_tiny", "overrides": {}, "recipe": {}},
 }
 # variant -> (group, description, model key in the family, ACmix overrides)
@@ -63,8 +69,10 @@ VARIANTS = {
 }
 # the learnable variant is the shift table's "group conv (full)" row as well
 SHIFT_ROWS = ("shift_tensor", "shift_fixed", "shift_random", "learnable")
-BUDGET = dict(train_per_class=250, val_per_class=100, epochs=2, batch_size=64)
+# train/val_per_class None: all 60,000 / 10,000 images, read from the IDX folder itself
+BUDGET = dict(train_per_class=None, val_per_class=None, epochs=1, batch_size=128)
 QUICK_BUDGET = dict(train_per_class=20, val_per_class=10, epochs=1, batch_size=32)
+SEEDS, QUICK_SEEDS = [0, 1, 2], [0]
 
 
 def variant_model(family, variant, shape_overrides=None):
@@ -83,19 +91,25 @@ def variant_model(family, variant, shape_overrides=None):
 
 def budget_of(args):
     """What must be equal for results to share a table: data, epochs, batch, model shape."""
+    image_size = FAMILIES[args.family]["recipe"].get("image_size", read_demo_config()["image_size"])
     return {"family": args.family, "train_per_class": args.train_per_class, "val_per_class": args.val_per_class,
-            "epochs": args.epochs, "batch_size": args.batch_size, "image_size": 32, "shape": args.shape}
+            "epochs": args.epochs, "batch_size": args.batch_size, "image_size": image_size, "shape": args.shape}
+
+
+def read_demo_config():
+    from engine.config import read_yaml
+    return read_yaml(str(DEMO_CONFIG))
 
 
 def run_config(args, variant, seed, data_dir, output_dir):
     """The engine Config of one variant: demo recipe + family recipe + budget + the variant's model."""
-    from engine.config import build_config, read_yaml
+    from engine.config import build_config
     model, overrides = variant_model(args.family, variant, args.shape)
-    values = read_yaml(str(DEMO_CONFIG))
+    values = read_demo_config()
     values.update(FAMILIES[args.family]["recipe"])
     values.update(model=model, model_overrides=overrides, data_dir=data_dir, output_dir=output_dir, seed=seed,
                   epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                  warmup_epochs=min(1.0, args.epochs / 3), log_interval=args.log_interval,
+                  warmup_epochs=min(values.get("warmup_epochs", 0.2), args.epochs), log_interval=args.log_interval,
                   num_workers=args.num_workers, device_target=args.device_target, plot=False)
     return build_config(file_values=values, file_source=str(DEMO_CONFIG))
 
@@ -118,7 +132,8 @@ def _child_argv(args, variant, seed):
             "--seeds", str(seed), "--data_dir", args.data_dir, "--output_dir", args.output_dir]
     for name in ("train_per_class", "val_per_class", "epochs", "batch_size", "eval_batch_size", "num_workers",
                  "log_interval"):
-        argv += [f"--{name}", str(getattr(args, name))]
+        if getattr(args, name) is not None:  # per-class None: all images
+            argv += [f"--{name}", str(getattr(args, name))]
     if args.override:
         argv += ["--override", *args.override]
     if args.device_target:
@@ -155,17 +170,21 @@ def train_variant(args, variant, seed, data_dir):
     summary = trainer.fit()
     images_per_s, stats = inference_speed(trainer.network, cfg.eval_batch_size, cfg.image_size, cfg.in_chans)
     last = summary["last_val"] or {}
+    from tools.plot_rates import rates_from_model
+    rates = [[layer, rate1, rate2] for layer, rate1, rate2 in rates_from_model(trainer.model)]
     result = {"variant": variant, "seed": seed, "model": cfg.model, "model_overrides": cfg.model_overrides,
               "budget": budget_of(args), "params": trainer.param_count, "val_top1": last.get("top1"),
               "val_loss": last.get("loss"), "best_top1": summary["best_top1"],
               "train_images_per_s": summary["images_per_s"], "inference_images_per_s": images_per_s,
               "inference_batch": cfg.eval_batch_size, "inference_latency_ms": 1e3 * stats["median"],
               "train_time_s": summary["time_s"], "wall_s": time.time() - start,
-              "global_step": summary["global_step"], "checkpoint": summary["last_checkpoint"],
+              "global_step": summary["global_step"], "checkpoint": summary["last_checkpoint"], "rates": rates,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_at_start": load,
               "command": args.command}
-    with open(os.path.join(folder, RESULT_FILE), "w", encoding="utf-8") as handle:
+    temp = os.path.join(folder, RESULT_FILE + ".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
+    os.replace(temp, os.path.join(folder, RESULT_FILE))
     return result
 
 
@@ -232,13 +251,85 @@ def tables(results):
     return "\n".join(sections)
 
 
+def mean_std(values):
+    """'mean ± std' (sample std, n - 1; '—' for it with one value) of the non-None ``values``."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.2f} ± —"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+SUMMARY_HEADER = ("| variant | what | model (overrides) | seeds | trainable params (K) | top-1 % (final) "
+                  "| best top-1 % | train img/s | inference img/s |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def _summary_row(group):
+    first = group[0]
+    shape = dict(FAMILIES[first["budget"]["family"]]["overrides"], **first["budget"].get("shape", {}))
+    overrides = ", ".join(f"{k}={v}" for k, v in sorted(first["model_overrides"].items()) if k not in shape)
+    return (f"| {first['variant']} | {VARIANTS[first['variant']][1]} | {first['model']}"
+            f"{' (' + overrides + ')' if overrides else ''} | {', '.join(str(r['seed']) for r in group)} "
+            f"| {first['params'] / 1e3:.1f} | {mean_std([r['val_top1'] for r in group])} "
+            f"| {mean_std([r['best_top1'] for r in group])} | {mean_std([r['train_images_per_s'] for r in group])} "
+            f"| {mean_std([r['inference_images_per_s'] for r in group])} |")
+
+
+def rates_summary(results):
+    """Fig. 5 as a table: per learnable-rate variant and ACmix layer, mean ± std over seeds of rate1, rate2
+    and ln(rate1 / rate2)."""
+    import math
+    lines = []
+    for name in VARIANTS:
+        group = [r for r in results if r["variant"] == name and r.get("rates")]
+        layers = {}
+        for result in group:
+            for layer, rate1, rate2 in result["rates"]:
+                if rate1 is not None and rate2 is not None:
+                    ratio = math.log(rate1 / rate2) if rate2 and rate1 / rate2 > 0 else None
+                    layers.setdefault(layer, []).append((rate1, rate2, ratio))
+        if not layers or VARIANTS[name][3].get("rate_mode") is not None:
+            continue  # only learned rates say something (fixed / single-path modes are set by hand)
+        if not lines:
+            lines = ["| variant | layer | seeds | rate1 (attention) | rate2 (convolution) | ln(rate1/rate2) |",
+                     "|---|---|---|---|---|---|"]
+        for layer, values in layers.items():
+            lines.append(f"| {name} | {layer} | {len(values)} | {mean_std([v[0] for v in values])} "
+                         f"| {mean_std([v[1] for v in values])} | {mean_std([v[2] for v in values])} |")
+    return "\n".join(lines)
+
+
+def summary_tables(results):
+    """Markdown: mean ± std over seeds per variant (rate modes, shift implementations) and the learned rates."""
+    by_variant = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], []).append(result)
+    sections = ["### Summary over seeds: combining the two paths, Table 6 (mean ± std)", "", SUMMARY_HEADER]
+    sections += [_summary_row(by_variant[name]) for name in VARIANTS
+                 if VARIANTS[name][0] == "rate" and name in by_variant] + [""]
+    shift = [name for name in SHIFT_ROWS if name in by_variant]
+    if any(name != "learnable" for name in shift):
+        sections += ["### Summary over seeds: shift implementations, Table 7 (mean ± std)", "", SUMMARY_HEADER]
+        sections += [_summary_row(by_variant[name]) for name in shift] + [""]
+    rates = rates_summary(results)
+    if rates:
+        sections += ["### Learned rates after training, Fig. 5 (mean ± std over seeds)", "", rates, ""]
+    sections += ["### Every run (per seed)", ""]
+    return "\n".join(sections)
+
+
 def describe_budget(budget, data_dir):
     family = FAMILIES[budget["family"]]
     recipe = ", ".join(f"{k} {v}" for k, v in family["recipe"].items()) or "the demo recipe unchanged"
     shape = ", ".join(f"{k}={v}" for k, v in dict(family["overrides"], **budget["shape"]).items()) \
         or "registered defaults"
-    return (f"Budget: Fashion-MNIST ({data_dir}), {budget['train_per_class']} training and "
-            f"{budget['val_per_class']} validation images per class (10 classes), {budget['image_size']} px, "
+    train = "all" if budget["train_per_class"] is None else budget["train_per_class"]
+    val = "all" if budget["val_per_class"] is None else budget["val_per_class"]
+    return (f"Budget: Fashion-MNIST ({data_dir}), {train} training and "
+            f"{val} test (validation) images per class (10 classes), {budget['image_size']} px, "
             f"{budget['epochs']} epoch(s) at batch {budget['batch_size']}. Recipe: `{DEMO_CONFIG.relative_to(ROOT)}` "
             f"with {recipe}. Model shape: {family['acmix']} with {shape}.")
 
@@ -248,18 +339,22 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="swin", choices=tuple(FAMILIES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=tuple(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"default: {' '.join(map(str, SEEDS))} ({' '.join(map(str, QUICK_SEEDS))} with --quick)")
     parser.add_argument("--data_dir", default=None,
-                        help="prepared ImageFolder (default: data/fashion_mnist_<train>_<val>, made if missing)")
+                        help="data folder (IDX files or ImageFolder); default: the Fashion-MNIST IDX folder itself, "
+                             "or with a per-class subset data/fashion_mnist_idx_<train>_<val> (written if missing)")
     parser.add_argument("--fashion_mnist_source", default=None,
                         help="folder of the Fashion-MNIST IDX files (default: tools/prepare_fashion_mnist.py's)")
-    parser.add_argument("--train_per_class", type=int, default=None)
-    parser.add_argument("--val_per_class", type=int, default=None)
+    parser.add_argument("--train_per_class", type=int, default=None, help="first N training images per class "
+                        "(default: all 6,000)")
+    parser.add_argument("--val_per_class", type=int, default=None, help="first N test images per class "
+                        "(default: all 1,000)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=None)
-    parser.add_argument("--eval_batch_size", type=int, default=100)
+    parser.add_argument("--eval_batch_size", type=int, default=250)
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--log_interval", type=int, default=20)
+    parser.add_argument("--log_interval", type=int, default=50)
     parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
     parser.add_argument("--output_dir", default=None, help="default: runs/ablation_<family>")
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK_BUDGET}")
@@ -278,11 +373,17 @@ def parse_args(argv):
     for key, value in budget.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.seeds is None:
+        args.seeds = list(QUICK_SEEDS if args.quick else SEEDS)
     args.output_dir = args.output_dir or os.path.join("runs", f"ablation_{args.family}" + ("_quick" if args.quick
                                                                                             else ""))
-    args.data_dir = args.data_dir or os.path.join("data", f"fashion_mnist_{args.train_per_class}_{args.val_per_class}")
+    args.subset = args.train_per_class is not None or args.val_per_class is not None
+    if not args.data_dir:
+        from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+        args.data_dir = (os.path.join("data", f"fashion_mnist_idx_{args.train_per_class}_{args.val_per_class}")
+                         if args.subset else args.fashion_mnist_source or DEFAULT_SOURCE)
     return args
 
 
@@ -301,9 +402,10 @@ def main(argv=None):
         train_variant(args, args.variants[0], args.seeds[0], args.data_dir)
         return 0
     if not args.table_only:
-        from tools.prepare_fashion_mnist import DEFAULT_SOURCE, prepare
-        prepare(args.data_dir, source=args.fashion_mnist_source or DEFAULT_SOURCE,
-                train_per_class=args.train_per_class, val_per_class=args.val_per_class)
+        if args.subset:
+            from tools.prepare_fashion_mnist import DEFAULT_SOURCE, prepare_idx
+            prepare_idx(args.data_dir, source=args.fashion_mnist_source or DEFAULT_SOURCE,
+                        train_per_class=args.train_per_class, val_per_class=args.val_per_class)
         for variant in args.variants:
             for seed in args.seeds:
                 result = train_in_subprocess(args, variant, seed)
@@ -321,7 +423,7 @@ def main(argv=None):
                       + (f" ({skipped} result(s) of other budgets ignored)" if skipped else "") + ". Training runs:",
                       ""] + [f"- `{command}` ({', '.join(sorted(dates))}; load average at the start of each variant: "
                              f"{'; '.join(loads)})" for command, dates, loads in _runs(results)]
-                     + ["", tables(results)])
+                     + ["", summary_tables(results), "", tables(results)])
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from models.profile import count_macs, count_params  # noqa: E402
 
 def select_models(patterns=None):
     """Registered model names matching any of the shell-style ``patterns`` (all when None or empty)."""
-    names = models.list_models()
+    names = [name for name in models.list_models() if models.model_task(name) == "classification"]  # classifiers
     if not patterns:
         return names
     selected = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]

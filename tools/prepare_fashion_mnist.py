@@ -7,12 +7,17 @@ Reads ``train-images-idx3-ubyte.gz`` etc. from ``--source`` (default: where Debi
 ``--train-images/--train-labels/--val-images/--val-labels`` paths (IDX, gzipped IDX or ``.npy``). Writes
 ``<out>/train/<class>/<index>.png`` (from the 60k training set) and ``<out>/val/<class>/<index>.png``
 (from the 10k test set) with the dataset's class names, taking the first N images of each class in file order.
+``--format idx`` writes the same subset as the four IDX files into ``<out>`` instead (the engine reads an IDX
+folder directly into memory, engine/idx_data.py; the full data set needs no preparation: use the source
+folder itself as ``--data_dir``).
+
+    python tools/prepare_fashion_mnist.py --out data/fashion_mnist_idx --format idx --train-per-class 60 \
+        --val-per-class 20
 
 Idempotent: a manifest records the options; a second run with the same options does nothing, with other
 options it rewrites the splits it made. Folders it did not make are never touched.
 """
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -20,12 +25,17 @@ import sys
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from engine.idx_data import FASHION_MNIST_CLASSES, IdxError, read_idx, write_idx  # noqa: E402
+
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
          "val_images": "t10k-images-idx3-ubyte.gz", "val_labels": "t10k-labels-idx1-ubyte.gz"}
 # label index -> folder name (the dataset's class names, made file-system safe)
-CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-               "ankle_boot")
+CLASS_NAMES = FASHION_MNIST_CLASSES
 MANIFEST = ".fashion_mnist.json"
 FORMAT_VERSION = 1
 
@@ -40,20 +50,10 @@ def read_array(path):
         raise PrepareError(f"file not found: {path}")
     if path.endswith(".npy"):
         return np.load(path)
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        raise PrepareError(f"cannot read {path}: {err}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise PrepareError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if len(data) - header != int(np.prod(shape)):
-        raise PrepareError(f"{path}: header says shape {shape} but the file holds {len(data) - header} values")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+        return read_idx(path)
+    except IdxError as err:
+        raise PrepareError(str(err)) from None
 
 
 def load_split(images_path, labels_path):
@@ -143,6 +143,50 @@ def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None
     return manifest
 
 
+IDX_MANIFEST = ".fashion_mnist_idx.json"
+IDX_NAMES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+             "val_images": "t10k-images-idx3-ubyte.gz", "val_labels": "t10k-labels-idx1-ubyte.gz"}
+
+
+def prepare_idx(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None, paths=None, log=print):
+    """Write the first N images of each class (file order) as IDX files in ``out`` (the engine reads such a
+    folder directly, engine/idx_data.py). Idempotent like ``prepare``; refuses a folder holding IDX files it
+    did not write. Returns the manifest dict."""
+    args = argparse.Namespace(source=source, **{key: (paths or {}).get(key) for key in FILES})
+    paths = resolve_paths(args)
+    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
+        if value is not None and value < 1:
+            raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    wanted = {"version": FORMAT_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
+              "sources": {key: os.path.abspath(path) for key, path in paths.items()}}
+    manifest_path = os.path.join(out, IDX_MANIFEST)
+    targets = {key: os.path.join(out, name) for key, name in IDX_NAMES.items()}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as handle:
+            old = json.load(handle)
+        if {key: old.get(key) for key in wanted} == wanted and all(map(os.path.isfile, targets.values())):
+            log(f"{out} is already prepared ({old['counts']['train']} train / {old['counts']['val']} val images)")
+            return old
+    elif any(map(os.path.exists, targets.values())):
+        raise PrepareError(f"{out} already holds IDX files not written by this tool; choose another --out "
+                           f"(or use that folder directly as --data_dir)")
+    os.makedirs(out, exist_ok=True)
+    counts = {}
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, labels = load_split(paths[f"{split}_images"], paths[f"{split}_labels"])
+        indices = select_per_class(labels, per_class)
+        write_idx(targets[f"{split}_images"], images[indices])
+        write_idx(targets[f"{split}_labels"], labels[indices].astype(np.uint8))
+        counts[split] = int(len(indices))
+        log(f"wrote {len(indices)} {split} images to {targets[f'{split}_images']}")
+    manifest = dict(wanted, counts=counts, classes=list(CLASS_NAMES))
+    temp = manifest_path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(temp, manifest_path)
+    return manifest
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output root (gets train/ and val/)")
@@ -152,10 +196,14 @@ def main(argv=None):
     for key in FILES:
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None,
                             help=f"explicit path instead of <source>/{FILES[key]} (IDX, .gz or .npy)")
+    parser.add_argument("--format", default="imagefolder", choices=("imagefolder", "idx"),
+                        help="imagefolder: <out>/<split>/<class>/<index>.png; idx: the four IDX files in <out> "
+                             "(read into memory by the engine)")
     args = parser.parse_args(argv)
     try:
-        prepare(args.out, args.source, args.train_per_class, args.val_per_class,
-                {key: getattr(args, key) for key in FILES})
+        write = prepare if args.format == "imagefolder" else prepare_idx
+        write(args.out, args.source, args.train_per_class, args.val_per_class,
+              {key: getattr(args, key) for key in FILES})
     except PrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,80 @@
+"""Fused CPU kernels of the transformer layers (``ops.Custom`` func_type 'aot', source ``transformer_cpu.cc``).
+
+``CpuGelu``: the exact (erf) GELU in one pass, forward and backward. ``CpuLayerNorm``: LayerNorm over the last
+axis, one pass per row forward, one backward (dx, dgamma, dbeta). Float32 only. Callers pick them through
+``models.layers.GELU`` / ``models.layers.LayerNorm``, which fall back to MindSpore's ops on other devices, other
+dtypes, or when the kernels cannot be built.
+"""
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .build import compiled_library
+
+SOURCE = "transformer_cpu.cc"
+
+
+def _same_shape(*shapes):
+    return list(shapes[-1])
+
+
+def _same_dtype(*dtypes):
+    return dtypes[-1]
+
+
+class CpuGelu(nn.Cell):
+    """y = x * Phi(x) (exact GELU, as torch's default) on float32 tensors of any shape; fused bprop."""
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:GeluForward", out_shape=_same_shape, out_dtype=_same_dtype,
+                                         func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:GeluBackward", out_shape=_same_shape,
+                                          out_dtype=_same_dtype, func_type="aot")
+
+    def construct(self, x):
+        return self.forward_kernel(x)
+
+    def bprop(self, x, out, dout):
+        return (self.backward_kernel(dout, x),)
+
+
+def _layer_norm_shapes(x, gamma, beta, config):
+    rows = [int(np.prod(x[:-1]))]
+    return list(x), rows, rows
+
+
+def _layer_norm_dtypes(x, gamma, beta, config):
+    return x, x, x
+
+
+def _layer_norm_grad_shapes(dy, x, gamma, mean, rstd):
+    return list(x), list(gamma), list(gamma)
+
+
+def _layer_norm_grad_dtypes(dy, x, gamma, mean, rstd):
+    return x, gamma, gamma
+
+
+class CpuLayerNorm(nn.Cell):
+    """(x (..., C), gamma (C,), beta (C,)) -> (LayerNorm of x over the last axis (biased variance, ``eps``),
+    row means (R,), row 1/std (R,)), float32; callers use output 0, the others are kept for the backward.
+
+    The Cell holds no parameters (the calling LayerNorm passes its own); bprop returns (dx, dgamma, dbeta).
+    """
+
+    def __init__(self, eps):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:LayerNormForward", out_shape=_layer_norm_shapes,
+                                         out_dtype=_layer_norm_dtypes, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:LayerNormBackward", out_shape=_layer_norm_grad_shapes,
+                                          out_dtype=_layer_norm_grad_dtypes, func_type="aot")
+        self.config = Tensor(np.array([eps], np.float32))
+
+    def construct(self, x, gamma, beta):
+        return self.forward_kernel(x, gamma, beta, self.config)
+
+    def bprop(self, x, gamma, beta, out, dout):
+        # dout[1], dout[2] (gradients w.r.t. the returned statistics) are zero: callers use only out[0]
+        return self.backward_kernel(dout[0], x, gamma, out[1], out[2])
