@@ -4,6 +4,8 @@ Stage I (the shared projection) and the attention aggregation differ per mode an
 subclasses; the convolution path (light fc over the head groups, then shift-and-sum) and the output
 ``rate1 * F_att + rate2 * F_conv`` (Eq. 13, Table 6 modes) are the same everywhere.
 """
+import contextlib
+
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
@@ -39,6 +41,19 @@ def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_ta
     return GroupConv(kernel_size, stride, groups)
 
 
+@contextlib.contextmanager
+def reference_paths():
+    """Within the block every ACmix layer runs its separate reference steps (projection Cell, 1x1 fc, shift conv)
+    instead of the fused fast paths (composed conv weight, projection inside the CPU kernel): the same results,
+    and every step is a Cell call, so ``models.profile.count_macs`` (forward hooks, PyNative) sees it."""
+    previous = ACmixBase.use_reference_paths
+    ACmixBase.use_reference_paths = True
+    try:
+        yield
+    finally:
+        ACmixBase.use_reference_paths = previous
+
+
 class ACmixBase(nn.Cell):
     """Holds ``fc``, ``dep_conv`` and the rates; subclasses call ``conv_path`` and ``mix``.
 
@@ -53,6 +68,8 @@ class ACmixBase(nn.Cell):
         rates: initial (learnable) or constant (fixed) (rate1, rate2).
         fc_bias: bias of the fc layer.
     """
+    use_reference_paths = False  # class-wide switch, set only by ``reference_paths()``
+
 
     def __init__(self, num_groups, head_dim, out_channels, kernel_conv=3, stride=1, shift_impl="learnable",
                  rate_mode="learnable", rates=(0.5, 0.5), fc_bias=True):
@@ -91,7 +108,7 @@ class ACmixBase(nn.Cell):
         (d, H*W) "image", a transpose and the shift conv. ``'tensor'`` keeps the explicit two steps.
         """
         batch, num_groups, head_dim, _ = groups.shape
-        if self.shift_impl == "tensor":
+        if self.shift_impl == "tensor" or self.use_reference_paths:
             maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
             maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
             return self.dep_conv(maps)

@@ -96,7 +96,7 @@ class ACmixLocal(ACmixBase):
         if x.ndim != 4:
             raise ValueError(f"ACmixLocal expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape
-        if self.qkv_attention is not None:
+        if self.qkv_attention is not None and not self.use_reference_paths:
             return self._kernel_forward(x, height, width)
         return self.combine(self.qkv(x), batch, height, width)
 

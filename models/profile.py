@@ -25,6 +25,7 @@ import mindspore as ms
 from mindspore import nn, Tensor
 
 from acmix_ms import ACmixGlobal, ACmixWindow, ShiftConv
+from acmix_ms.base import reference_paths
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -146,7 +147,8 @@ def count_macs(cell, input_shape, extra_args=(), dtype=ms.float32):
         cell.set_train(False)
         handles = [sub.register_forward_hook(hook) for _, sub in cell.cells_and_names()]
         data = Tensor(np.random.default_rng(0).standard_normal(shape).astype(np.float32)).astype(dtype)
-        cell(data, *extra_args)
+        with reference_paths():  # count the structure's steps, not the fused fast paths' internals
+            cell(data, *extra_args)
     finally:
         for handle in handles:
             handle.remove()

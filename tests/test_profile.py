@@ -208,3 +208,22 @@ def test_table1_resnet50_sums():
     assert sums[("self_attention", "stage1")][0] == (16 + 3 * 3) * per_layer_conv // 3
     for key, (_, _, paper_params, _) in PAPER_RESNET50.items():
         assert round(sums[key][1] / 1e6, 1) == paper_params, key
+
+
+def test_reference_paths_give_the_fast_paths_results():
+    """count_macs runs the layers under ``reference_paths()``: separate Cell steps, the same outputs."""
+    import numpy as np
+    from mindspore import Tensor
+    from acmix_ms.base import reference_paths
+    previous_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        x = Tensor(np.random.default_rng(1).standard_normal((2, C, H, W)).astype(np.float32))
+        for cell in (acmix_ms.ACmixLocal(C, C, KA, N, KC), acmix_ms.ACmixLocal(C, C, KA, N, KC, rate_mode="fixed")):
+            fast = cell(x).asnumpy()
+            with reference_paths():
+                reference = cell(x).asnumpy()
+            np.testing.assert_allclose(reference, fast, rtol=1e-4, atol=1e-5)
+            assert not acmix_ms.ACmixLocal.use_reference_paths  # restored after the block
+    finally:
+        ms.set_context(mode=previous_mode)
