@@ -227,3 +227,21 @@ def test_reference_paths_give_the_fast_paths_results():
             assert not acmix_ms.ACmixLocal.use_reference_paths  # restored after the block
     finally:
         ms.set_context(mode=previous_mode)
+
+
+def test_kernel_layers_of_different_strides_in_pynative():
+    """PyNative caches a Custom op's shape inference per primitive attributes: a stride-2 kernel layer after a
+    stride-1 one once reused the stride-1 output shape (a broadcast error); forward and gradients now match."""
+    import numpy as np
+    from mindspore import Tensor
+    previous_mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        x = Tensor(np.random.default_rng(2).standard_normal((1, C, H, W)).astype(np.float32))
+        for stride in (1, 2, 1):
+            cell = acmix_ms.ACmixLocal(C, C, KA, N, KC, stride=stride)
+            assert cell(x).shape == (1, C, H // stride, W // stride)
+            grads = ms.grad(lambda t, c=cell: c(t).sum(), grad_position=None, weights=cell.trainable_params())(x)
+            assert [g.shape for g in grads] == [p.shape for p in cell.trainable_params()]
+    finally:
+        ms.set_context(mode=previous_mode)

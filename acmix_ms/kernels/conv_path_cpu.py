@@ -47,6 +47,8 @@ class CpuGroupConv(nn.Cell):
                                                       pad_list=(pad,) * 4, stride=stride, group=groups)
         self.filter_grad = ops.Custom(f"{library}:GroupConvFilterGrad", out_shape=_WeightShape(self.weight_shape),
                                       out_dtype=_filter_grad_dtype, func_type="aot")
+        # the output shape is this layer's weight shape: PyNative caches shape inference per primitive attributes
+        self.filter_grad.add_prim_attr("acmix_config", "x".join(map(str, self.weight_shape)))
         self.config = Tensor(np.array([kernel_size, stride, groups], np.int32))
 
     def construct(self, x, weight):

@@ -59,6 +59,7 @@ class CpuLocalAggregation(nn.Cell):
         library = compiled_library(SOURCE)
         self.forward_kernel = ops.Custom(f"{library}:LocalAttentionForward", out_shape=_ForwardShapes(kernel_size ** 2),
                                          out_dtype=_forward_dtypes, func_type="aot")
+        self.forward_kernel.add_prim_attr("acmix_config", f"k{kernel_size}")  # see LocalAttentionQKV: PyNative
         self.backward_kernel = ops.Custom(f"{library}:LocalAttentionBackward", out_shape=_backward_shapes,
                                           out_dtype=_backward_dtypes, func_type="aot")
         self.config = Tensor(np.array([kernel_size, stride, dilation], np.int32))
@@ -117,6 +118,9 @@ class CpuQKVAggregation(nn.Cell):
         self.forward_kernel = ops.Custom(f"{library}:LocalAttentionQKVForward",
                                          out_shape=_QKVForwardShapes(kernel_size, stride, num_heads),
                                          out_dtype=_qkv_forward_dtypes, func_type="aot")
+        # the output shape depends on the configuration: PyNative caches a Custom op's shape inference per
+        # primitive attributes, so name the configuration there (else a second layer reuses the first's shapes)
+        self.forward_kernel.add_prim_attr("acmix_config", f"k{kernel_size}_s{stride}_n{num_heads}")
         self.backward_kernel = ops.Custom(f"{library}:LocalAttentionQKVBackward", out_shape=_qkv_backward_shapes,
                                           out_dtype=_qkv_backward_dtypes, func_type="aot")
         self.config = Tensor(np.array([kernel_size, stride, dilation, num_heads, layout], np.int32))
