@@ -95,6 +95,19 @@ def write_generated_split(root, split, classes, per_class, size=28, seed=0):
             Image.fromarray(image, mode="L").save(os.path.join(folder, f"{index:04d}.png"))
 
 
+def synthetic_garments(count=20, seed=0):
+    """(items (count, 28, 28) uint8, labels (count,)): bright ellipses of random size standing in for
+    Fashion-MNIST garments (scene tests without the Debian dataset)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    items = []
+    for _ in range(count):
+        ry, rx = rng.uniform(5, 13, 2)
+        inside = ((yy - 13.5) / ry) ** 2 + ((xx - 13.5) / rx) ** 2 <= 1
+        items.append((inside * rng.uniform(120, 255)).astype(np.uint8))
+    return np.stack(items), rng.integers(0, 10, count)
+
+
 def make_image_folder(root, train_per_class, val_per_class):
     """Real Fashion-MNIST subset when installed, generated images otherwise. Returns (root, source)."""
     if fashion_mnist_available():

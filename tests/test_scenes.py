@@ -6,23 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import synthetic_garments
 from engine import scenes
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                                          reason="dataset-fashion-mnist is not installed")
-
-
-def _pool(count=20, seed=0):
-    """Synthetic 28x28 items (bright ellipses of random size) standing in for garments."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    items = []
-    for _ in range(count):
-        ry, rx = rng.uniform(5, 13, 2)
-        inside = ((yy - 13.5) / ry) ** 2 + ((xx - 13.5) / rx) ** 2 <= 1
-        items.append((inside * rng.uniform(120, 255)).astype(np.uint8))
-    return np.stack(items), rng.integers(0, 10, count)
 
 
 def test_rle_round_trip_and_layout():
@@ -39,7 +28,7 @@ def test_rle_round_trip_and_layout():
 
 
 def test_scene_ground_truth_is_consistent():
-    items, labels = _pool()
+    items, labels = synthetic_garments()
     for index in range(8):
         image, semantic, instances = scenes.compose_scene(scenes.scene_rng(0, "train", index), items, labels,
                                                           size=64, max_items=5, max_occlusion=0.3)
@@ -60,7 +49,7 @@ def test_scene_ground_truth_is_consistent():
 
 
 def test_occlusion_limit_keeps_items_visible():
-    items, labels = _pool()
+    items, labels = synthetic_garments()
     rng = scenes.scene_rng(3, "val", 0)
     for _ in range(5):
         image, semantic, instances = scenes.compose_scene(rng, items, labels, size=48, min_items=6, max_items=6,
@@ -69,7 +58,7 @@ def test_occlusion_limit_keeps_items_visible():
 
 
 def test_scenes_are_deterministic_per_index():
-    items, labels = _pool()
+    items, labels = synthetic_garments()
     first = scenes.compose_scene(scenes.scene_rng(7, "train", 4), items, labels, size=32)
     again = scenes.compose_scene(scenes.scene_rng(7, "train", 4), items, labels, size=32)
     other = scenes.compose_scene(scenes.scene_rng(7, "val", 4), items, labels, size=32)
@@ -79,7 +68,7 @@ def test_scenes_are_deterministic_per_index():
 
 
 def test_bad_parameters_are_named():
-    items, labels = _pool()
+    items, labels = synthetic_garments()
     with pytest.raises(scenes.SceneError, match="max_items"):
         scenes.compose_scene(np.random.default_rng(0), items, labels, min_items=3, max_items=2)
     with pytest.raises(scenes.SceneError, match="min_frac"):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import synthetic_garments
 from engine import scenes
 from engine.config import build_config
 from engine.data import DataError
@@ -19,18 +20,6 @@ from engine.tasks import segmentation as task
 
 NARROW = {"backbone_kwargs": {"embed_dims": [16, 32, 48, 64], "num_heads": [1, 1, 2, 2], "depths": [1, 1, 1, 1],
                               "mlp_ratios": [2, 2, 2, 2]}, "fpn_channels": 16, "head_channels": 8}
-
-
-def synthetic_pool(count=40, seed=0):
-    """28x28 bright ellipses standing in for garments when Fashion-MNIST is not installed."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    items = []
-    for _ in range(count):
-        ry, rx = rng.uniform(5, 13, 2)
-        inside = ((yy - 13.5) / ry) ** 2 + ((xx - 13.5) / rx) ** 2 <= 1
-        items.append((inside * rng.uniform(120, 255)).astype(np.uint8))
-    return np.stack(items), rng.integers(0, 10, count)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def scene_root(tmp_path_factory):
         try:
             items, labels = scenes.load_source(split=split)
         except scenes.SceneError:
-            items, labels = synthetic_pool(seed=len(split))
+            items, labels = synthetic_garments(40, seed=len(split))
         scenes.write_split(root, split, count, items, labels, seed=0, log=lambda *_: None, **params)
     return root
 

@@ -104,8 +104,8 @@ def resolve_paths(args):
     return paths
 
 
-def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None, paths=None, log=print):
-    """Create (or keep) ``out/train`` and ``out/val``; returns the manifest dict."""
+def _request(source, train_per_class, val_per_class, paths):
+    """(resolved source paths, the manifest this request asks for); bad subset sizes raise PrepareError."""
     args = argparse.Namespace(source=source, **{key: (paths or {}).get(key) for key in FILES})
     paths = resolve_paths(args)
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
@@ -113,6 +113,12 @@ def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None
             raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     wanted = {"version": FORMAT_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "sources": {key: os.path.abspath(path) for key, path in paths.items()}}
+    return paths, wanted
+
+
+def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None, paths=None, log=print):
+    """Create (or keep) ``out/train`` and ``out/val``; returns the manifest dict."""
+    paths, wanted = _request(source, train_per_class, val_per_class, paths)
     manifest_path = os.path.join(out, MANIFEST)
     old = None
     if os.path.isfile(manifest_path):
@@ -152,13 +158,7 @@ def prepare_idx(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=
     """Write the first N images of each class (file order) as IDX files in ``out`` (the engine reads such a
     folder directly, engine/idx_data.py). Idempotent like ``prepare``; refuses a folder holding IDX files it
     did not write. Returns the manifest dict."""
-    args = argparse.Namespace(source=source, **{key: (paths or {}).get(key) for key in FILES})
-    paths = resolve_paths(args)
-    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
-        if value is not None and value < 1:
-            raise PrepareError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    wanted = {"version": FORMAT_VERSION, "train_per_class": train_per_class, "val_per_class": val_per_class,
-              "sources": {key: os.path.abspath(path) for key, path in paths.items()}}
+    paths, wanted = _request(source, train_per_class, val_per_class, paths)
     manifest_path = os.path.join(out, IDX_MANIFEST)
     targets = {key: os.path.join(out, name) for key, name in IDX_NAMES.items()}
     if os.path.isfile(manifest_path):
