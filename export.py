@@ -102,12 +102,16 @@ def make_exportable(model, attention_impl="unfold"):
     if switched:
         print(f"{switched} sliding-window attention layer(s) ran a device kernel ({backends}): exported with "
               f"attention_impl='{attention_impl}' (standard operators, same weights and results)")
+    from acmix_ms import set_conv_path_kernels
+    conv = set_conv_path_kernels(model, False)  # the conv path's group convolution
+    if conv:
+        print(f"{conv} ACmix conv path(s) ran a device kernel: exported with standard operators (same results)")
     from models.layers import set_fused_kernels
     fused = set_fused_kernels(model, False)  # transformer layers (GELU) with a CPU kernel
     if fused:
         print(f"{fused} transformer layer(s) ran a fused CPU kernel: exported with standard operators "
               "(same results)")
-    return switched + fused
+    return switched + conv + fused
 
 
 def _as_arrays(output):

@@ -29,16 +29,28 @@ class GroupConv(nn.Cell):
         return ops.conv2d(x, weight, None, self.stride, "pad", self.kernel_size // 2, 1, self.groups)
 
 
-def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_target=None):
-    """The conv path's group convolution: ``acmix_ms.kernels.conv_path_cpu.CpuGroupConv`` (same forward, faster
-    backward) on CPU where the C++ kernel builds, else ``GroupConv`` (GPU, Ascend, no compiler)."""
-    if (device_target or ms.get_context("device_target")) == "CPU":
+def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_target=None, use_kernel=True):
+    """The conv path's group convolution: ``acmix_ms.kernels.conv_path_cpu.CpuGroupConv`` (C++ kernels, same
+    results) on CPU where they build, else (GPU, Ascend, no compiler, ``use_kernel=False``) ``GroupConv``."""
+    if use_kernel and (device_target or ms.get_context("device_target")) == "CPU":
         try:
             from .kernels.conv_path_cpu import CpuGroupConv  # compiles the C++ at first use
             return CpuGroupConv(in_channels, out_channels, kernel_size, stride, groups)
         except (RuntimeError, OSError):  # KernelBuildError (no compiler) is a RuntimeError
             pass
     return GroupConv(kernel_size, stride, groups)
+
+
+def set_conv_path_kernels(network, enabled):
+    """``set_conv_kernel(enabled)`` on every ACmix layer of ``network``; returns how many layers ran a kernel
+    before (``enabled=False``: how many were switched to standard operators) or run one after (``True``)."""
+    count = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, ACmixBase):
+            before = cell.conv_kernel
+            cell.set_conv_kernel(enabled)
+            count += int(cell.conv_kernel if enabled else before)
+    return count
 
 
 @contextlib.contextmanager
@@ -87,12 +99,25 @@ class ACmixBase(nn.Cell):
             self.fc = nn.Conv2d(num_groups, k2, 1, has_bias=fc_bias)
             self.dep_conv = ShiftConv(head_dim, kernel_conv, out_channels, shift_impl, stride)
             if shift_impl != "tensor":  # the fc and the shift conv run as one group conv (fused_conv)
-                self.group_conv = group_conv(head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
+                self._group_conv_args = (head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
+                self.group_conv = group_conv(*self._group_conv_args)
         if rate_mode == "learnable":
             self.rate1 = Parameter(Tensor([rate1], ms.float32), name="rate1")
             self.rate2 = Parameter(Tensor([rate2], ms.float32), name="rate2")
         else:
             self.fixed_rate1, self.fixed_rate2 = rate1, rate2
+
+    @property
+    def conv_kernel(self):
+        """True when the conv path's group convolution runs a device kernel (``ops.Custom``)."""
+        return self.has_conv and self.shift_impl != "tensor" and not isinstance(self.group_conv, GroupConv)
+
+    def set_conv_kernel(self, enabled):
+        """Run the conv path's group convolution with the device kernel (where one builds) or with standard
+        operators (``enabled=False``, e.g. for a portable MINDIR); same parameters and results. Call it before
+        the network's first run: a compiled graph is not rebuilt."""
+        if self.has_conv and self.shift_impl != "tensor":
+            self.group_conv = group_conv(*self._group_conv_args, use_kernel=enabled)
 
     def conv_path(self, groups, height, width):
         """Convolution path of ACmix.

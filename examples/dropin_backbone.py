@@ -181,6 +181,9 @@ def export_and_check(network, sample, path):
     if switched:
         print(f"export: {switched} attention layer(s) switched from the device kernel to 'unfold' "
               f"(standard operators, same weights and results)")
+    conv = acmix_ms.set_conv_path_kernels(network, False)
+    if conv:
+        print(f"export: {conv} conv path(s) switched from the device kernel to standard operators")
     expected = network(ms.Tensor(sample)).asnumpy()
     temp_base = path[:-len(".mindir")] + ".tmp"
     ms.export(network, ms.Tensor(sample), file_name=temp_base, file_format="MINDIR")

@@ -108,7 +108,8 @@ class _GroupConvObjective(nn.Cell):
 
 
 @pytest.mark.parametrize("groups,per_group,out_per_group,kernel,stride,size", [
-    (4, 12, 4, 3, 1, (9, 9)), (2, 6, 8, 3, 2, (7, 10)), (3, 5, 2, 5, 2, (8, 8)), (2, 3, 2, 3, 3, (6, 5))])
+    (4, 12, 4, 3, 1, (9, 9)), (2, 6, 8, 3, 2, (7, 10)), (3, 5, 2, 5, 2, (8, 8)), (2, 3, 2, 3, 3, (6, 5)),
+    (2, 12, 5, 3, 1, (4, 4)), (1, 12, 4, 3, 2, (1, 3))])
 def test_cpu_group_conv_backward_equals_autodiff(groups, per_group, out_per_group, kernel, stride, size):
     if ms.get_context("device_target") != "CPU":
         pytest.skip("CPU kernel")
@@ -122,7 +123,8 @@ def test_cpu_group_conv_backward_equals_autodiff(groups, per_group, out_per_grou
     for conv in (CpuGroupConv(groups * per_group, groups * out_per_group, kernel, stride, groups),
                  GroupConv(kernel, stride, groups)):
         loss, grads = ms.value_and_grad(_GroupConvObjective(conv, probe), (0, 1))(x, weight)
-        results.append({"loss": loss.asnumpy(), "x": grads[0].asnumpy(), "weight": grads[1].asnumpy()})
+        results.append({"out": conv(x, weight).asnumpy(), "loss": loss.asnumpy(), "x": grads[0].asnumpy(),
+                        "weight": grads[1].asnumpy()})
     _assert_same(*results)
 
 

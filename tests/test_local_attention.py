@@ -235,8 +235,10 @@ def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path,
     twin = models.create_model("resnet_tiny_acmix", num_classes=10)
     ms.load_param_into_net(twin, net.parameters_dict(), strict_load=True)
     twin.set_train(False)
-    assert export_script.make_exportable(twin) == 4
-    assert "4 sliding-window attention layer(s) ran a device kernel" in capsys.readouterr().out
+    assert export_script.make_exportable(twin) == 8  # 4 attention kernels, 4 conv-path group convolutions
+    printed = capsys.readouterr().out
+    assert "4 sliding-window attention layer(s) ran a device kernel" in printed
+    assert "4 ACmix conv path(s) ran a device kernel" in printed
     assert attention_backends(twin) == {"unfold": 4} and attention_backends(net) == {"CPU": 4}
     library = kernel_build.compiled_library("local_attention_cpu.cc")
     ms.export(net, x, file_name=str(tmp_path / "kernel"), file_format="MINDIR")  # why the switch is needed:
@@ -244,6 +246,7 @@ def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path,
     ms.export(twin, x, file_name=str(tmp_path / "net"), file_format="MINDIR")
     content = (tmp_path / "net.mindir").read_bytes()
     assert library.name.encode() not in content and b"LocalAttentionForward" not in content
+    assert b"GroupConvForward" not in content
     exported = ms.nn.GraphCell(ms.load(str(tmp_path / "net.mindir")))(x).asnumpy()
     np.testing.assert_allclose(exported, expected, rtol=1e-4, atol=1e-5)
 
@@ -258,8 +261,8 @@ def test_export_cli_switches_kernel_layers_to_the_chosen_implementation(tmp_path
     printed = capsys.readouterr().out
     assert code == 0 and output.is_file()
     assert "exported with attention_impl='lean'" in printed and "max |diff|" in printed
-    assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 4
-    assert b"LocalAttentionForward" not in output.read_bytes()
+    assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 8  # attention + conv
+    assert b"LocalAttentionForward" not in output.read_bytes() and b"GroupConvForward" not in output.read_bytes()
     assert export_script.PORTABLE_IMPLS == local_attention.PORTABLE_IMPLS  # kept apart for a fast --help
     with pytest.raises(SystemExit):  # only portable implementations may go into a MINDIR
         export_script.parse_args(["--model", "resnet_tiny_acmix", "--attention_impl", "fused"])

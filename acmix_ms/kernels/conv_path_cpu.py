@@ -1,16 +1,16 @@
-"""The group convolution of ACmix's conv path (``ACmixBase.fused_conv``) with a faster backward on CPU.
+"""The group convolution of ACmix's conv path (``ACmixBase.fused_conv``) as C++ kernels on CPU.
 
-Forward: MindSpore's Conv2D (zero 'same' padding, groups = d). Backward: the input gradient as a forward
-convolution with the flipped, group-transposed weight (stride 1; MindSpore's Conv2DBackpropInput for larger
-strides) and the weight gradient by the C++ kernel ``GroupConvFilterGrad`` (local_attention_cpu.cc), instead of
-MindSpore's CPU Conv2DBackpropFilter for group convolutions, the slowest op of an ACmix training step here.
-Same results to float32 round-off (tests/test_fast_paths.py). The kernel computes in float32 (other dtypes are
-cast at its boundary).
+MindSpore's CPU Conv2D, Conv2DBackpropInput and Conv2DBackpropFilter for this group convolution (groups = d,
+3N inputs and N outputs per group) were the slowest ops of an ACmix training step here (2026-12-02 profile of
+resnet_tiny_acmix: 166 of the 305 ms an ACmix step adds to its baseline's, batch 128, 28 px). The forward
+(``GroupConvForward``), the input gradient (``GroupConvInputGrad``) and the weight gradient
+(``GroupConvFilterGrad``) are the kernels of local_attention_cpu.cc: same results as ``ops.conv2d`` and its
+gradients to float32 round-off (tests/test_fast_paths.py). They compute in float32 (other dtypes are cast at
+the boundary).
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
-from mindspore.ops.operations import _grad_ops
 
 from .build import compiled_library
 
@@ -29,38 +29,50 @@ def _filter_grad_dtype(grad_out, x, config):
     return grad_out
 
 
+class _OutputShape:
+    def __init__(self, out_channels, stride):
+        self.out_channels, self.stride = out_channels, stride
+
+    def __call__(self, x, weight, config):
+        return [x[0], self.out_channels, -(-x[2] // self.stride), -(-x[3] // self.stride)]
+
+
+def _first_dtype(first, *others):
+    return first
+
+
+def _input_grad_shape(grad_out, weight, x, config):
+    return list(x)
+
+
 class CpuGroupConv(nn.Cell):
     """(x (B, d*G, H, W), weight (C, G, k, k)) -> (B, C, ceil(H/s), ceil(W/s)): ``ops.conv2d(x, weight, None,
-    stride, 'pad', k // 2, 1, d)`` with the backward described in the module docstring."""
+    stride, 'pad', k // 2, 1, d)`` computed by the kernels described in the module docstring."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, groups):
         super().__init__()
         library = compiled_library(SOURCE)
-        pad = kernel_size // 2
         self.groups, self.stride, self.kernel_size = groups, stride, kernel_size
         self.weight_shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
-        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=pad, stride=stride, group=groups)
-        if stride == 1:
-            self.input_grad = ops.Conv2D(in_channels, kernel_size, pad_mode="pad", pad=pad, group=groups)
-        else:
-            self.input_grad = ops.Conv2DBackpropInput(out_channels, kernel_size, pad_mode="pad", pad=pad,
-                                                      pad_list=(pad,) * 4, stride=stride, group=groups)
+        self.forward_kernel = ops.Custom(f"{library}:GroupConvForward", out_shape=_OutputShape(out_channels, stride),
+                                         out_dtype=_first_dtype, func_type="aot")
+        self.input_grad = ops.Custom(f"{library}:GroupConvInputGrad", out_shape=_input_grad_shape,
+                                     out_dtype=_first_dtype, func_type="aot")
         self.filter_grad = ops.Custom(f"{library}:GroupConvFilterGrad", out_shape=_WeightShape(self.weight_shape),
                                       out_dtype=_filter_grad_dtype, func_type="aot")
         # the output shape is this layer's weight shape: PyNative caches shape inference per primitive attributes
-        self.filter_grad.add_prim_attr("acmix_config", "x".join(map(str, self.weight_shape)))
+        config = "x".join(map(str, self.weight_shape + (stride, groups)))
+        for kernel in (self.forward_kernel, self.input_grad, self.filter_grad):
+            kernel.add_prim_attr("acmix_config", config)
         self.config = Tensor(np.array([kernel_size, stride, groups], np.int32))
 
     def construct(self, x, weight):
-        return self.conv(x, weight)
+        dtype = x.dtype
+        out = self.forward_kernel(ops.cast(x, ms.float32), ops.cast(weight, ms.float32), self.config)
+        return ops.cast(out, dtype)
 
     def bprop(self, x, weight, out, dout):
-        if self.stride == 1:
-            out_channels, per_group, k = self.weight_shape[0], self.weight_shape[1], self.kernel_size
-            flipped = weight.reshape(self.groups, out_channels // self.groups, per_group, k, k).transpose(0, 2, 1, 3, 4)
-            flipped = ops.reverse(flipped, (3, 4)).reshape(self.groups * per_group, out_channels // self.groups, k, k)
-            grad_x = self.input_grad(dout, flipped)
-        else:
-            grad_x = self.input_grad(dout, weight, x.shape)
-        grad_w = self.filter_grad(ops.cast(dout, ms.float32), ops.cast(x, ms.float32), self.config)
-        return grad_x, ops.cast(grad_w, weight.dtype)
+        dout32, x32 = ops.cast(dout, ms.float32), ops.cast(x, ms.float32)
+        grad_x = self.input_grad(dout32, ops.cast(weight, ms.float32), x32, self.config)
+        grad_w = self.filter_grad(dout32, x32, self.config)
+        return ops.cast(grad_x, x.dtype), ops.cast(grad_w, weight.dtype)

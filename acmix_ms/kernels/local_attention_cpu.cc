@@ -302,28 +302,72 @@ struct HeadScratch {
   }
 };
 
+// The columns t in [pad, pad + W) of a padded row hold source column t - pad; in the phase storage the ones of
+// phase a (t % s == a) are consecutive from column a * phase_plane + t / s. interior_run(q, s, a) gives the
+// first such t and how many there are, so the interior is copied run by run (contiguous for stride 1) and
+// only the reflected border columns go through the index tables.
+struct InteriorRun {
+  int64_t first, count;
+};
+
+InteriorRun interior_run(const QKVGeometry &q, int64_t stride, int64_t phase) {
+  int64_t first = q.pad + ((phase - q.pad % stride) % stride + stride) % stride;
+  const int64_t end = q.pad + q.width;
+  return {first, first < end ? (end - first + stride - 1) / stride : 0};
+}
+
 // dst (phase storage of one channel) = reflection padding of src (H, W) (minus sub (H, W) if given).
 void pad_plane(const QKVGeometry &q, const HeadScratch &s, const float *src, const float *sub, float *dst) {
-  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data();
+  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data(), stride = s.layout.stride;
   for (int64_t r = 0; r < q.g.pad_h; ++r) {
-    const float *src_row = src + s.rows[r];
-    float *dst_row = dst + s.row_at[r];
-    if (sub == nullptr) {
-      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[col_at[t]] = src_row[cols[t]];
-    } else {
-      const float *sub_row = sub + s.rows[r];
-      for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[col_at[t]] = src_row[cols[t]] - sub_row[cols[t]];
+    const float *__restrict src_row = src + s.rows[r];
+    const float *__restrict sub_row = sub == nullptr ? nullptr : sub + s.rows[r];
+    float *__restrict dst_row = dst + s.row_at[r];
+    for (int64_t t = 0; t < q.g.pad_w; ++t) {  // the reflected borders
+      if (t == q.pad) t = q.pad + q.width;
+      if (t >= q.g.pad_w) break;
+      dst_row[col_at[t]] = sub_row == nullptr ? src_row[cols[t]] : src_row[cols[t]] - sub_row[cols[t]];
+    }
+    for (int64_t a = 0; a < stride; ++a) {
+      const InteriorRun run = interior_run(q, stride, a);
+      float *__restrict to = dst_row + col_at[run.first];
+      const float *__restrict from = src_row + (run.first - q.pad);
+      if (stride == 1 && sub_row != nullptr) {
+        const float *__restrict minus = sub_row + (run.first - q.pad);
+        for (int64_t i = 0; i < run.count; ++i) to[i] = from[i] - minus[i];
+      } else if (stride == 1) {
+        std::copy(from, from + run.count, to);
+      } else if (sub_row != nullptr) {
+        const float *__restrict minus = sub_row + (run.first - q.pad);
+        for (int64_t i = 0; i < run.count; ++i) to[i] = from[i * stride] - minus[i * stride];
+      } else {
+        for (int64_t i = 0; i < run.count; ++i) to[i] = from[i * stride];
+      }
     }
   }
 }
 
 // dst (H, W) += the reflection padding's adjoint of src (phase storage of one channel).
 void fold_plane(const QKVGeometry &q, const HeadScratch &s, const float *src, float *dst) {
-  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data();
+  const int64_t *cols = s.cols.data(), *col_at = s.col_at.data(), stride = s.layout.stride;
   for (int64_t r = 0; r < q.g.pad_h; ++r) {
-    float *dst_row = dst + s.rows[r];
-    const float *src_row = src + s.row_at[r];
-    for (int64_t t = 0; t < q.g.pad_w; ++t) dst_row[cols[t]] += src_row[col_at[t]];
+    float *__restrict dst_row = dst + s.rows[r];
+    const float *__restrict src_row = src + s.row_at[r];
+    for (int64_t a = 0; a < stride; ++a) {
+      const InteriorRun run = interior_run(q, stride, a);
+      const float *__restrict from = src_row + col_at[run.first];
+      float *__restrict to = dst_row + (run.first - q.pad);
+      if (stride == 1) {
+        for (int64_t i = 0; i < run.count; ++i) to[i] += from[i];
+      } else {
+        for (int64_t i = 0; i < run.count; ++i) to[i * stride] += from[i];
+      }
+    }
+    for (int64_t t = 0; t < q.g.pad_w; ++t) {  // the reflected borders
+      if (t == q.pad) t = q.pad + q.width;
+      if (t >= q.g.pad_w) break;
+      dst_row[cols[t]] += src_row[col_at[t]];
+    }
   }
 }
 
@@ -360,36 +404,101 @@ void load_head(const QKVGeometry &q, const float *qkv, const float *pe, int64_t 
   }
 }
 
-// acc[p][e] (+)= sum_c a[c][e] * padded[c][base[p] + e]   (extended planes; acc overwritten)
+// The three products below walk the run e < span in steps of 8 (AVX2), holding 4 accumulators in registers
+// (4 offsets or 4 channels at a time) so that each vector loaded serves 4 multiply-adds and no partial sum
+// goes through memory; the last span % 8 pixels (and everything without AVX2) take the plain loops.
+
+// acc[p][e] = sum_c a[c][e] * padded[c][base[p] + e]   (extended planes; acc overwritten, zero beyond the run)
 void correlate_ext(const Geometry &g, const PhaseLayout &l, const float *a, const float *padded, float *acc) {
-  const int64_t ext = l.ext_plane(g), n = l.span;
-  for (int64_t p = 0; p < g.offsets(); ++p) {
+  const int64_t ext = l.ext_plane(g), n = l.span, taps = g.offsets(), dim = g.dim, cs = l.channel_size();
+  const int64_t *base = l.base.data();
+  int64_t e0 = 0;
+#ifdef __AVX2__
+  for (; e0 + 8 <= n; e0 += 8) {
+    int64_t p = 0;
+    for (; p + 4 <= taps; p += 4) {
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < dim; ++c) {
+        const __m256 av = _mm256_loadu_ps(a + c * ext + e0);
+        const float *src = padded + c * cs + e0;
+        s0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(src + base[p]), s0);
+        s1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(src + base[p + 1]), s1);
+        s2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(src + base[p + 2]), s2);
+        s3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(src + base[p + 3]), s3);
+      }
+      _mm256_storeu_ps(acc + p * ext + e0, s0);
+      _mm256_storeu_ps(acc + (p + 1) * ext + e0, s1);
+      _mm256_storeu_ps(acc + (p + 2) * ext + e0, s2);
+      _mm256_storeu_ps(acc + (p + 3) * ext + e0, s3);
+    }
+    for (; p < taps; ++p) {
+      __m256 s0 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < dim; ++c) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c * ext + e0), _mm256_loadu_ps(padded + c * cs + e0 + base[p]), s0);
+      }
+      _mm256_storeu_ps(acc + p * ext + e0, s0);
+    }
+  }
+#endif
+  for (int64_t p = 0; p < taps; ++p) {
     float *__restrict acc_p = acc + p * ext;
-    std::fill(acc_p, acc_p + ext, 0.0f);
-    for (int64_t c = 0; c < g.dim; ++c) {
+    std::fill(acc_p + e0, acc_p + ext, 0.0f);
+    for (int64_t c = 0; c < dim; ++c) {
       const float *__restrict a_c = a + c * ext;
-      const float *__restrict src = padded + c * l.channel_size() + l.base[p];
-      for (int64_t e = 0; e < n; ++e) acc_p[e] += a_c[e] * src[e];
+      const float *__restrict src = padded + c * cs + base[p];
+      for (int64_t e = e0; e < n; ++e) acc_p[e] += a_c[e] * src[e];
     }
   }
 }
 
-// out[c][e] = sum_p weights[p][e] * padded[c][base[p] + e]   (extended planes, overwritten)
+// out[c][e] = sum_p weights[p][e] * padded[c][base[p] + e]   (extended planes; out overwritten, zero beyond the run)
 void gather_ext(const Geometry &g, const PhaseLayout &l, const float *weights, const float *padded, float *out) {
-  const int64_t ext = l.ext_plane(g), n = l.span;
-  for (int64_t c = 0; c < g.dim; ++c) {
+  const int64_t ext = l.ext_plane(g), n = l.span, taps = g.offsets(), dim = g.dim, cs = l.channel_size();
+  const int64_t *base = l.base.data();
+  int64_t e0 = 0;
+#ifdef __AVX2__
+  for (; e0 + 8 <= n; e0 += 8) {
+    int64_t c = 0;
+    for (; c + 4 <= dim; c += 4) {
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+      const float *src = padded + c * cs + e0;
+      for (int64_t p = 0; p < taps; ++p) {
+        const __m256 wv = _mm256_loadu_ps(weights + p * ext + e0);
+        const float *at = src + base[p];
+        s0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(at), s0);
+        s1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(at + cs), s1);
+        s2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(at + 2 * cs), s2);
+        s3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(at + 3 * cs), s3);
+      }
+      _mm256_storeu_ps(out + c * ext + e0, s0);
+      _mm256_storeu_ps(out + (c + 1) * ext + e0, s1);
+      _mm256_storeu_ps(out + (c + 2) * ext + e0, s2);
+      _mm256_storeu_ps(out + (c + 3) * ext + e0, s3);
+    }
+    for (; c < dim; ++c) {
+      __m256 s0 = _mm256_setzero_ps();
+      for (int64_t p = 0; p < taps; ++p) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(weights + p * ext + e0), _mm256_loadu_ps(padded + c * cs + e0 + base[p]), s0);
+      }
+      _mm256_storeu_ps(out + c * ext + e0, s0);
+    }
+  }
+#endif
+  for (int64_t c = 0; c < dim; ++c) {
     float *__restrict out_c = out + c * ext;
-    std::fill(out_c, out_c + ext, 0.0f);
-    const float *pad_c = padded + c * l.channel_size();
-    for (int64_t p = 0; p < g.offsets(); ++p) {
+    std::fill(out_c + e0, out_c + ext, 0.0f);
+    const float *pad_c = padded + c * cs;
+    for (int64_t p = 0; p < taps; ++p) {
       const float *__restrict w_p = weights + p * ext;
-      const float *__restrict src = pad_c + l.base[p];
-      for (int64_t e = 0; e < n; ++e) out_c[e] += w_p[e] * src[e];
+      const float *__restrict src = pad_c + base[p];
+      for (int64_t e = e0; e < n; ++e) out_c[e] += w_p[e] * src[e];
     }
   }
 }
 
-// grad[c][base[p] + e] += weights[p][e] * a[c][e]   (adjoint of gather_ext w.r.t. padded; grad overwritten)
+// grad[c][base[p] + e] += weights[p][e] * a[c][e]   (adjoint of gather_ext w.r.t. padded; grad overwritten).
+// Offset by offset over the whole run: consecutive offsets write overlapping vectors, and walking them inside
+// one 8-pixel step would stall every load on the store before it.
 void scatter_ext(const Geometry &g, const PhaseLayout &l, const float *weights, const float *a, float *grad) {
   const int64_t ext = l.ext_plane(g), n = l.span;
   std::fill(grad, grad + g.dim * l.channel_size(), 0.0f);
@@ -495,6 +604,48 @@ inline float dot(const float *a, const float *b, int64_t n) {
 
 float query_scale(const Geometry &g) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dim))); }
 
+#ifdef __AVX2__
+inline float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+
+// dw[m * m_stride + p] += sum_e go[m][e] * src[base[p] + e] for 4 outputs m (rows go + m * go_stride) and every
+// offset p: 3 offsets x 4 outputs = 12 accumulators per pass, so each vector loaded serves 3 or 4 products.
+void filter_grad_block4(const float *go, int64_t go_stride, const float *src, const std::vector<int64_t> &base,
+                        int64_t n, float *dw, int64_t m_stride) {
+  const int64_t taps = static_cast<int64_t>(base.size()), n8 = n / 8 * 8;
+  int64_t p = 0;
+  for (; p < taps; p += 3) {
+    const int64_t count = std::min<int64_t>(3, taps - p);
+    const float *s0 = src + base[p], *s1 = src + base[p + (count > 1 ? 1 : 0)], *s2 = src + base[p + (count > 2 ? 2 : 0)];
+    __m256 acc[4][3];
+    for (auto &row : acc) {
+      for (auto &v : row) v = _mm256_setzero_ps();
+    }
+    for (int64_t e = 0; e < n8; e += 8) {
+      const __m256 x0 = _mm256_loadu_ps(s0 + e), x1 = _mm256_loadu_ps(s1 + e), x2 = _mm256_loadu_ps(s2 + e);
+      for (int m = 0; m < 4; ++m) {
+        const __m256 gv = _mm256_loadu_ps(go + m * go_stride + e);
+        acc[m][0] = _mm256_fmadd_ps(gv, x0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(gv, x1, acc[m][1]);
+        acc[m][2] = _mm256_fmadd_ps(gv, x2, acc[m][2]);
+      }
+    }
+    const float *srcs[3] = {s0, s1, s2};
+    for (int m = 0; m < 4; ++m) {
+      const float *g_m = go + m * go_stride;
+      for (int64_t q = 0; q < count; ++q) {
+        float sum = horizontal_sum(acc[m][q]);
+        for (int64_t e = n8; e < n; ++e) sum += g_m[e] * srcs[q][e];
+        dw[m * m_stride + p + q] += sum;
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -512,7 +663,7 @@ int LocalAttentionForward(int nparam, void **params, int *ndims, int64_t **shape
   const float *value_pad = static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[4]);
   float *weights = static_cast<float *>(params[5]);
-  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int) {
+  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> scratch(2 * g.out_plane());
     for (int64_t b = first; b < last; ++b) {
       float *weights_b = weights + b * g.offsets() * g.out_plane();
@@ -543,7 +694,7 @@ int LocalAttentionBackward(int nparam, void **params, int *ndims, int64_t **shap
   float *grad_key_pad = static_cast<float *>(params[7]);
   float *grad_value_pad = static_cast<float *>(params[8]);
   const int64_t n = g.out_plane();
-  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int) {
+  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> grad_logits(g.offsets() * n);
     std::vector<float> total(n);
     for (int64_t b = first; b < last; ++b) {
@@ -563,8 +714,16 @@ int LocalAttentionBackward(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
+// The attention weights the forward keeps for the backward, in the extended layout of the per-head scratch
+// (no copy to and from the compact (Ho, Wo) layout): (B * N, k*k, Ho * ph_w); columns j >= Wo hold finite
+// values that the backward multiplies by zero gradients only.
+bool weights_shape_ok(const QKVGeometry &q, int ndim, const int64_t *shape) {
+  const PhaseLayout l(q.g);
+  return ndim == 3 && shape[0] == q.g.heads && shape[1] == q.g.offsets() && shape[2] == l.ext_plane(q.g);
+}
+
 // Inputs: qkv (B, 3C, H, W), pe (1, d, H, W), config (5,). Outputs: out (B, C, Ho, Wo) with channel n * d + j
-// (head n, channel j), weights (B * N, k*k, Ho, Wo).
+// (head n, channel j), weights (B * N, k*k, Ho * ph_w) (weights_shape_ok).
 int LocalAttentionQKVForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
   (void)stream;
@@ -572,25 +731,26 @@ int LocalAttentionQKVForward(int nparam, void **params, int *ndims, int64_t **sh
   if (nparam != 5) return 1;
   QKVGeometry q;
   if (!read_qkv_geometry(shapes, ndims, dtypes, static_cast<const int32_t *>(params[2]), 0, 1, 0, 1, &q)) return 2;
+  if (!weights_shape_ok(q, ndims[4], shapes[4])) return 2;
   const Geometry &g = q.g;
   const float *qkv = static_cast<const float *>(params[0]);
   const float *pe = static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[3]);
   float *weights = static_cast<float *>(params[4]);
   const float scale = query_scale(g);
-  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int) {
+  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int64_t) {
     HeadScratch s(q);
     const PhaseLayout &l = s.layout;
     const int64_t ext = l.ext_plane(g), n = g.out_plane();
-    std::vector<float> logits(g.offsets() * ext), out_ext(g.dim * ext), scratch(2 * ext);
+    std::vector<float> out_ext(g.dim * ext), scratch(2 * ext);
     for (int64_t b = first; b < last; ++b) {
+      float *logits = weights + b * g.offsets() * ext;  // softmax in place: the weights in the extended layout
       load_head(q, qkv, pe, b, scale, &s);
-      correlate_ext(g, l, s.query.data(), s.key_pad.data(), logits.data());
-      softmax_ext(g, l, logits.data(), scratch.data(), scratch.data() + ext);
-      gather_ext(g, l, logits.data(), s.value_pad.data(), out_ext.data());
-      float *out_b = out + b * g.dim * n, *weights_b = weights + b * g.offsets() * n;
+      correlate_ext(g, l, s.query.data(), s.key_pad.data(), logits);
+      softmax_ext(g, l, logits, scratch.data(), scratch.data() + ext);
+      gather_ext(g, l, logits, s.value_pad.data(), out_ext.data());
+      float *out_b = out + b * g.dim * n;
       for (int64_t c = 0; c < g.dim; ++c) compact(g, l, out_ext.data() + c * ext, out_b + c * n);
-      for (int64_t p = 0; p < g.offsets(); ++p) compact(g, l, logits.data() + p * ext, weights_b + p * n);
     }
   });
   return 0;
@@ -604,7 +764,7 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
   if (nparam != 7) return 1;
   QKVGeometry q;
   if (!read_qkv_geometry(shapes, ndims, dtypes, static_cast<const int32_t *>(params[4]), 0, 3, 2, 3, &q)) return 2;
-  if (!is_float32(dtypes[1])) return 2;
+  if (!is_float32(dtypes[1]) || !weights_shape_ok(q, ndims[1], shapes[1])) return 2;
   const Geometry &g = q.g;
   const float *grad_out = static_cast<const float *>(params[0]);
   const float *weights = static_cast<const float *>(params[1]);
@@ -614,23 +774,23 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
   float *grad_pe = static_cast<float *>(params[6]);
   const float scale = query_scale(g);
   const int64_t n = g.out_plane(), plane = q.plane();
-  const int workers = acmix::num_workers();
-  std::vector<float> grad_pe_parts(static_cast<size_t>(workers) * g.dim * plane, 0.0f);
-  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int worker) {
+  const int64_t chunks = acmix::num_chunks(g.heads);  // per-chunk partial d pe, added in chunk order
+  std::vector<float> grad_pe_parts(static_cast<size_t>(chunks) * g.dim * plane, 0.0f);
+  acmix::parallel_for(g.heads, [&](int64_t first, int64_t last, int64_t chunk) {
     HeadScratch s(q);
     const PhaseLayout &l = s.layout;
     const int64_t ext = l.ext_plane(g);
-    std::vector<float> weights_ext(g.offsets() * ext), grad_logits(g.offsets() * ext), total(ext);
+    std::vector<float> grad_logits(g.offsets() * ext), total(ext);
     std::vector<float> grad_out_ext(g.dim * ext), grad_query(g.dim * ext), grad_pad(g.dim * l.channel_size());
-    float *grad_pe_part = grad_pe_parts.data() + static_cast<size_t>(worker) * g.dim * plane;
+    float *grad_pe_part = grad_pe_parts.data() + static_cast<size_t>(chunk) * g.dim * plane;
     for (int64_t b = first; b < last; ++b) {
       const int64_t image = b / q.num_heads, head = b % q.num_heads;
       load_head(q, qkv, pe, b, scale, &s);
-      for (int64_t p = 0; p < g.offsets(); ++p) expand(g, l, weights + (b * g.offsets() + p) * n, weights_ext.data() + p * ext);
+      const float *weights_ext = weights + b * g.offsets() * ext;
       for (int64_t c = 0; c < g.dim; ++c) expand(g, l, grad_out + (b * g.dim + c) * n, grad_out_ext.data() + c * ext);
       // d loss / d weights[p] = d out . value neighbour p; then through the softmax
       correlate_ext(g, l, grad_out_ext.data(), s.value_pad.data(), grad_logits.data());
-      softmax_backward_ext(g, l, weights_ext.data(), grad_logits.data(), total.data());
+      softmax_backward_ext(g, l, weights_ext, grad_logits.data(), total.data());
       // query: d scaled strided query, back to the strided pixels (the others get 0)
       gather_ext(g, l, grad_logits.data(), s.key_pad.data(), grad_query.data());
       for (int64_t j = 0; j < g.dim; ++j) {
@@ -651,7 +811,7 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
         for (int64_t x = 0; x < plane; ++x) pe_j[x] -= dst[x];
       }
       // values
-      scatter_ext(g, l, weights_ext.data(), grad_out_ext.data(), grad_pad.data());
+      scatter_ext(g, l, weights_ext, grad_out_ext.data(), grad_pad.data());
       for (int64_t j = 0; j < g.dim; ++j) {
         float *dst = grad_qkv + q.qkv_plane(image, 2 * q.num_heads + head, j);
         std::fill(dst, dst + plane, 0.0f);
@@ -660,7 +820,7 @@ int LocalAttentionQKVBackward(int nparam, void **params, int *ndims, int64_t **s
     }
   });
   std::fill(grad_pe, grad_pe + g.dim * plane, 0.0f);
-  for (int w = 0; w < workers; ++w) {
+  for (int64_t w = 0; w < chunks; ++w) {
     const float *part = grad_pe_parts.data() + static_cast<size_t>(w) * g.dim * plane;
     for (int64_t x = 0; x < g.dim * plane; ++x) grad_pe[x] += part[x];
   }
@@ -710,7 +870,7 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
   float *grad_weight = static_cast<float *>(params[3]);
   const PhaseLayout l(g);
   const int64_t ext = l.ext_plane(g), n = g.out_plane(), plane = height * width, taps = g.offsets();
-  acmix::parallel_for(groups, [&](int64_t first, int64_t last, int) {
+  acmix::parallel_for(groups, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> padded(per_group_in * l.channel_size(), 0.0f), grad_ext(per_group_out * ext);
     // (source offset, phase-storage offset) of every padded position inside the map; the border stays 0
     std::vector<std::pair<int64_t, int64_t>> inside;
@@ -734,7 +894,16 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
         for (int64_t m = 0; m < per_group_out; ++m) {
           expand(g, l, grad_out + (b * channels + j * per_group_out + m) * n, grad_ext.data() + m * ext);
         }
-        for (int64_t m = 0; m < per_group_out; ++m) {
+          int64_t m = 0;
+#ifdef __AVX2__
+        for (; m + 4 <= per_group_out; m += 4) {
+          for (int64_t c = 0; c < per_group_in; ++c) {
+            filter_grad_block4(grad_ext.data() + m * ext, ext, padded.data() + c * l.channel_size(), l.base, l.span,
+                               dw + (m * per_group_in + c) * taps, per_group_in * taps);
+          }
+        }
+#endif
+        for (; m < per_group_out; ++m) {
           const float *__restrict go = grad_ext.data() + m * ext;
           for (int64_t c = 0; c < per_group_in; ++c) {
             const float *pad_c = padded.data() + c * l.channel_size();
@@ -750,3 +919,244 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
   });
   return 0;
 }
+
+// ---- the conv path's group convolution: forward and input gradient ----------------------------------------
+// MindSpore's CPU Conv2D / Conv2DBackpropInput for ACmix's group convolution (groups = d, G = 3N input and N
+// output channels per group, k x k) run far below the speed of a dense convolution of the same size. Here
+// every (image, group) pair is one task: its G inputs zero-padded into the phase layout of the attention
+// kernels, so each of the k*k taps of every output pixel is one contiguous run, and the N outputs of the group
+// are accumulated 4 at a time in registers (each input vector loaded once for 4 outputs).
+namespace {
+
+struct GroupConvGeometry {
+  Geometry g;  // dim = G (inputs per group), heads = d (groups), out/pad sizes
+  int64_t batch, height, width, pad, per_group_out;
+  int64_t plane() const { return height * width; }
+};
+
+// Reads (kernel, stride, groups) and the shapes of x (B, d*G, H, W) and the output/grad_out (B, C, Ho, Wo).
+bool read_group_conv(const int32_t *config, const int64_t *x_shape, const int64_t *out_shape,
+                     const int64_t *weight_shape, GroupConvGeometry *c) {
+  Geometry &g = c->g;
+  g.kernel = config[0];
+  g.stride = config[1];
+  g.dilation = 1;
+  const int64_t groups = config[2];
+  if (g.kernel < 1 || g.kernel % 2 == 0 || g.stride < 1 || groups < 1) return false;
+  if (x_shape[1] % groups != 0 || out_shape[1] % groups != 0 || x_shape[0] != out_shape[0]) return false;
+  c->batch = x_shape[0];
+  c->height = x_shape[2];
+  c->width = x_shape[3];
+  c->pad = g.kernel / 2;
+  c->per_group_out = out_shape[1] / groups;
+  g.heads = groups;
+  g.dim = x_shape[1] / groups;
+  g.out_h = (c->height + g.stride - 1) / g.stride;
+  g.out_w = (c->width + g.stride - 1) / g.stride;
+  g.pad_h = c->height + 2 * c->pad;
+  g.pad_w = c->width + 2 * c->pad;
+  if (out_shape[2] != g.out_h || out_shape[3] != g.out_w) return false;
+  return weight_shape[0] == out_shape[1] && weight_shape[1] == g.dim && weight_shape[2] == g.kernel &&
+         weight_shape[3] == g.kernel;
+}
+
+// (source offset in the (H, W) plane, offset in a channel's phase storage) of every padded position inside
+// the map; the zero border is never written.
+std::vector<std::pair<int64_t, int64_t>> interior_positions(const GroupConvGeometry &c, const PhaseLayout &l) {
+  std::vector<std::pair<int64_t, int64_t>> inside;
+  inside.reserve(c.plane());
+  for (int64_t r = c.pad; r < c.pad + c.height; ++r) {
+    for (int64_t t = c.pad; t < c.pad + c.width; ++t) {
+      const int64_t at = (r % l.stride) * l.stride * l.phase_plane() + (r / l.stride) * l.ph_w +
+                         (t % l.stride) * l.phase_plane() + t / l.stride;
+      inside.emplace_back((r - c.pad) * c.width + (t - c.pad), at);
+    }
+  }
+  return inside;
+}
+
+constexpr int64_t kLanes = 8;  // floats per vector step; runs are rounded up to it (buffers have the slack)
+
+inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// out[m][e] = sum_{c, p} w[(c * taps + p) * 4 + m] * padded[c][base[p] + e] for m < 4, e < n (n: multiple of 8)
+void conv_block4(const float *padded, int64_t channel_size, int64_t channels, const std::vector<int64_t> &base,
+                 const float *w, int64_t n, int64_t out_stride, float *out) {
+  const int64_t taps = static_cast<int64_t>(base.size());
+  for (int64_t e = 0; e < n; e += kLanes) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    const float *wp = w;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float *src_c = padded + c * channel_size + e;
+      for (int64_t p = 0; p < taps; ++p, wp += 4) {
+        const __m256 s = _mm256_loadu_ps(src_c + base[p]);
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(wp), s, a0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(wp + 1), s, a1);
+        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(wp + 2), s, a2);
+        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(wp + 3), s, a3);
+      }
+    }
+    _mm256_storeu_ps(out + e, a0);
+    _mm256_storeu_ps(out + out_stride + e, a1);
+    _mm256_storeu_ps(out + 2 * out_stride + e, a2);
+    _mm256_storeu_ps(out + 3 * out_stride + e, a3);
+#else
+    float acc[4][kLanes] = {};
+    const float *wp = w;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float *src_c = padded + c * channel_size + e;
+      for (int64_t p = 0; p < taps; ++p, wp += 4) {
+        const float *s = src_c + base[p];
+        for (int m = 0; m < 4; ++m) {
+          for (int64_t x = 0; x < kLanes; ++x) acc[m][x] += wp[m] * s[x];
+        }
+      }
+    }
+    for (int m = 0; m < 4; ++m) std::copy(acc[m], acc[m] + kLanes, out + m * out_stride + e);
+#endif
+  }
+}
+
+// grad[c][base[p] + e] += sum_m w[(c * taps + p) * 4 + m] * dout[m][e] for m < 4, e < n (n: multiple of 8)
+void conv_block4_adjoint(const float *dout, int64_t dout_stride, const float *w, int64_t channels,
+                         const std::vector<int64_t> &base, int64_t n, int64_t channel_size, float *grad) {
+  const int64_t taps = static_cast<int64_t>(base.size());
+  const float *wp = w;
+  for (int64_t c = 0; c < channels; ++c) {
+    float *grad_c = grad + c * channel_size;
+    for (int64_t p = 0; p < taps; ++p, wp += 4) {
+      float *dst = grad_c + base[p];
+#ifdef __AVX2__
+      const __m256 w0 = _mm256_broadcast_ss(wp), w1 = _mm256_broadcast_ss(wp + 1);
+      const __m256 w2 = _mm256_broadcast_ss(wp + 2), w3 = _mm256_broadcast_ss(wp + 3);
+      for (int64_t e = 0; e < n; e += kLanes) {
+        __m256 acc = _mm256_loadu_ps(dst + e);
+        acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(dout + e), acc);
+        acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(dout + dout_stride + e), acc);
+        acc = _mm256_fmadd_ps(w2, _mm256_loadu_ps(dout + 2 * dout_stride + e), acc);
+        acc = _mm256_fmadd_ps(w3, _mm256_loadu_ps(dout + 3 * dout_stride + e), acc);
+        _mm256_storeu_ps(dst + e, acc);
+      }
+#else
+      for (int64_t e = 0; e < n; ++e) {
+        dst[e] += wp[0] * dout[e] + wp[1] * dout[dout_stride + e] + wp[2] * dout[2 * dout_stride + e] +
+                  wp[3] * dout[3 * dout_stride + e];
+      }
+#endif
+    }
+  }
+}
+
+// The weights of outputs first .. first + 3 of group j as [(c * taps + p) * 4 + m] (zero for m >= count).
+void pack_weights(const float *weight, const GroupConvGeometry &c, int64_t j, int64_t first, float *packed) {
+  const int64_t taps = c.g.offsets(), per_in = c.g.dim;
+  for (int64_t m = 0; m < 4; ++m) {
+    const int64_t o = j * c.per_group_out + first + m;
+    const bool valid = first + m < c.per_group_out;
+    for (int64_t ci = 0; ci < per_in; ++ci) {
+      for (int64_t p = 0; p < taps; ++p) {
+        packed[(ci * taps + p) * 4 + m] = valid ? weight[(o * per_in + ci) * taps + p] : 0.0f;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Inputs: x (B, d*G, H, W), weight (C, G, k, k), config int32 (3,): kernel_size, stride, groups d.
+// Output: out (B, C, Ho, Wo) = zero-padded ('same') group convolution, output o = j * (C/d) + m in group j.
+int GroupConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                     void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 4) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_float32(dtypes[3])) return 2;
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4) return 2;
+  GroupConvGeometry c;
+  if (!read_group_conv(static_cast<const int32_t *>(params[2]), shapes[0], shapes[3], shapes[1], &c)) return 2;
+  const Geometry &g = c.g;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *weight = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[3]);
+  const PhaseLayout l(g);
+  const int64_t n = round_up(l.span), ext = std::max(n, l.ext_plane(g)), out_plane = g.out_plane();
+  const int64_t taps = g.offsets(), per_in = g.dim, per_out = c.per_group_out;
+  const auto inside = interior_positions(c, l);
+  acmix::parallel_for(c.batch * g.heads, [&](int64_t first, int64_t last, int64_t) {
+    std::vector<float> padded(per_in * l.channel_size() + kLanes, 0.0f), out_ext(4 * ext);
+    std::vector<float> packed(per_in * taps * 4);
+    int64_t packed_group = -1;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / g.heads, j = task % g.heads;
+      for (int64_t ci = 0; ci < per_in; ++ci) {
+        const float *src = x + ((b * g.heads + j) * per_in + ci) * c.plane();
+        float *dst = padded.data() + ci * l.channel_size();
+        for (const auto &pos : inside) dst[pos.second] = src[pos.first];
+      }
+      for (int64_t m0 = 0; m0 < per_out; m0 += 4) {
+        if (packed_group != j || per_out > 4) pack_weights(weight, c, j, m0, packed.data());
+        packed_group = j;
+        conv_block4(padded.data(), l.channel_size(), per_in, l.base, packed.data(), n, ext, out_ext.data());
+        for (int64_t m = m0; m < std::min(per_out, m0 + 4); ++m) {
+          compact(g, l, out_ext.data() + (m - m0) * ext, out + (b * g.heads * per_out + j * per_out + m) * out_plane);
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// Inputs: grad_out (B, C, Ho, Wo), weight (C, G, k, k), x (B, d*G, H, W) (only its shape is read), config.
+// Output: grad_x (B, d*G, H, W), the adjoint of GroupConvForward with respect to x.
+int GroupConvInputGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 5) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_float32(dtypes[4])) return 2;
+  if (ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[4] != 4) return 2;
+  GroupConvGeometry c;
+  if (!read_group_conv(static_cast<const int32_t *>(params[3]), shapes[2], shapes[0], shapes[1], &c)) return 2;
+  for (int t = 0; t < 4; ++t) {
+    if (shapes[4][t] != shapes[2][t]) return 2;
+  }
+  const Geometry &g = c.g;
+  const float *grad_out = static_cast<const float *>(params[0]);
+  const float *weight = static_cast<const float *>(params[1]);
+  float *grad_x = static_cast<float *>(params[4]);
+  const PhaseLayout l(g);
+  const int64_t n = round_up(l.span), ext = std::max(n, l.ext_plane(g)), out_plane = g.out_plane();
+  const int64_t taps = g.offsets(), per_in = g.dim, per_out = c.per_group_out;
+  const auto inside = interior_positions(c, l);
+  acmix::parallel_for(c.batch * g.heads, [&](int64_t first, int64_t last, int64_t) {
+    std::vector<float> grad_pad(per_in * l.channel_size() + kLanes), dout_ext(4 * ext, 0.0f);
+    std::vector<float> packed(per_in * taps * 4);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / g.heads, j = task % g.heads;
+      std::fill(grad_pad.begin(), grad_pad.end(), 0.0f);
+      for (int64_t m0 = 0; m0 < per_out; m0 += 4) {
+        pack_weights(weight, c, j, m0, packed.data());
+        for (int64_t m = 0; m < 4; ++m) {
+          float *dst = dout_ext.data() + m * ext;
+          if (m0 + m < per_out) {
+            expand(g, l, grad_out + (b * g.heads * per_out + j * per_out + m0 + m) * out_plane, dst);
+          } else {
+            std::fill(dst, dst + ext, 0.0f);
+          }
+        }
+        conv_block4_adjoint(dout_ext.data(), ext, packed.data(), per_in, l.base, n, l.channel_size(), grad_pad.data());
+      }
+      for (int64_t ci = 0; ci < per_in; ++ci) {
+        const float *src = grad_pad.data() + ci * l.channel_size();
+        float *dst = grad_x + ((b * g.heads + j) * per_in + ci) * c.plane();
+        for (const auto &pos : inside) dst[pos.first] = src[pos.second];
+      }
+    }
+  });
+  return 0;
+}
+
+}  // extern "C"

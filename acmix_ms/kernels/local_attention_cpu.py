@@ -77,14 +77,17 @@ class CpuLocalAggregation(nn.Cell):
 
 
 class _QKVForwardShapes:
-    """out (B, C, H', W'), weights (B*N, k*k, H', W') from qkv (B, 3C, H, W)."""
+    """out (B, C, H', W') and the weights kept for the backward, (B*N, k*k, H' * ph_w) (the kernel's extended
+    layout: ph_w = ceil((W + 2 * pad) / stride), pad = dilation * (k - 1) / 2), from qkv (B, 3C, H, W)."""
 
-    def __init__(self, kernel_size, stride, num_heads):
+    def __init__(self, kernel_size, stride, dilation, num_heads):
         self.offsets, self.stride, self.num_heads = kernel_size ** 2, stride, num_heads
+        self.pad = dilation * (kernel_size - 1) // 2
 
     def __call__(self, qkv, pe, config):
         h_out, w_out = -(-qkv[2] // self.stride), -(-qkv[3] // self.stride)
-        return [qkv[0], qkv[1] // 3, h_out, w_out], [qkv[0] * self.num_heads, self.offsets, h_out, w_out]
+        phase_width = -(-(qkv[3] + 2 * self.pad) // self.stride)
+        return [qkv[0], qkv[1] // 3, h_out, w_out], [qkv[0] * self.num_heads, self.offsets, h_out * phase_width]
 
 
 def _qkv_forward_dtypes(qkv, pe, config):
@@ -100,7 +103,8 @@ def _qkv_backward_dtypes(grad_out, weights, qkv, pe, config):
 
 
 class CpuQKVAggregation(nn.Cell):
-    """(qkv (B, 3C, H, W), pe (1, d, H, W)) -> (out (B, C, H', W'), weights (B*N, k*k, H', W')).
+    """(qkv (B, 3C, H, W), pe (1, d, H, W)) -> (out (B, C, H', W'), the attention weights kept for the backward,
+    (B*N, k*k, H' * ph_w): see ``_QKVForwardShapes``).
 
     Computes what ``ACmixLocal.attention_path`` computes from its projection: head n's query (group n,
     scaled by d**-0.5, strided), keys (group N + n) minus ``pe``, values (group 2N + n), both reflection-padded
@@ -116,11 +120,11 @@ class CpuQKVAggregation(nn.Cell):
             raise ValueError(f"layout must be 0 (group-major) or 1 (channel-major), got {layout!r}")
         library = compiled_library(SOURCE)
         self.forward_kernel = ops.Custom(f"{library}:LocalAttentionQKVForward",
-                                         out_shape=_QKVForwardShapes(kernel_size, stride, num_heads),
+                                         out_shape=_QKVForwardShapes(kernel_size, stride, dilation, num_heads),
                                          out_dtype=_qkv_forward_dtypes, func_type="aot")
         # the output shape depends on the configuration: PyNative caches a Custom op's shape inference per
         # primitive attributes, so name the configuration there (else a second layer reuses the first's shapes)
-        self.forward_kernel.add_prim_attr("acmix_config", f"k{kernel_size}_s{stride}_n{num_heads}")
+        self.forward_kernel.add_prim_attr("acmix_config", f"k{kernel_size}_s{stride}_d{dilation}_n{num_heads}")
         self.backward_kernel = ops.Custom(f"{library}:LocalAttentionQKVBackward", out_shape=_qkv_backward_shapes,
                                           out_dtype=_qkv_backward_dtypes, func_type="aot")
         self.config = Tensor(np.array([kernel_size, stride, dilation, num_heads, layout], np.int32))

@@ -6,11 +6,12 @@
 // hardware threads (at most 64). The pool serves one kernel at a time; a kernel launched while another one
 // is using the pool (MindSpore may run independent kernels concurrently) runs its chunks on its own thread.
 //
-// Usage: acmix::parallel_for(n, [&](int64_t begin, int64_t end, int worker) { ... });  worker < num_workers()
-// indexes per-worker scratch.
+// Usage: acmix::parallel_for(n, [&](int64_t begin, int64_t end, int64_t chunk) { ... });  chunk < num_chunks(n)
+// indexes per-chunk partial results (deterministic reductions).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -92,17 +93,33 @@ inline ThreadPool &pool() {
 
 inline int num_workers() { return pool().size(); }
 
-// fn(begin, end, worker) over [0, n) in num_workers() contiguous chunks (empty chunks skipped).
+// The chunks of parallel_for over n items: about n / (8 * num_workers()) items each (one chunk with one worker).
+inline int64_t chunk_size(int64_t n) {
+  const int workers = num_workers();
+  if (n <= 1 || workers == 1) return std::max<int64_t>(n, 1);
+  return std::max<int64_t>(1, (n + 8 * workers - 1) / (8 * workers));
+}
+
+inline int64_t num_chunks(int64_t n) { return n <= 0 ? 0 : (n + chunk_size(n) - 1) / chunk_size(n); }
+
+// fn(begin, end, chunk) for the contiguous chunks [begin, end) of [0, n), chunk = begin / chunk_size(n) <
+// num_chunks(n), handed out dynamically to the workers: one whose core is shared with another process (a loaded
+// machine) takes fewer chunks instead of holding up the others with a fixed half of the work. Which thread runs a
+// chunk varies; the chunks do not (for a thread count): per-chunk partial sums added in chunk order are
+// deterministic, and calls with different chunk indices never overlap in time on one thread.
 template <class F>
 void parallel_for(int64_t n, F &&fn) {
-  const int workers = num_workers();
-  if (n <= 1 || workers == 1) {
-    if (n > 0) fn(int64_t{0}, n, 0);
+  if (n <= 0) return;
+  const int64_t chunk = chunk_size(n);
+  if (chunk >= n) {
+    fn(int64_t{0}, n, int64_t{0});
     return;
   }
-  pool().Run([&](int t) {
-    const int64_t begin = n * t / workers, end = n * (t + 1) / workers;
-    if (begin < end) fn(begin, end, t);
+  std::atomic<int64_t> next{0};
+  pool().Run([&](int) {
+    for (int64_t begin = next.fetch_add(chunk); begin < n; begin = next.fetch_add(chunk)) {
+      fn(begin, std::min(n, begin + chunk), begin / chunk);
+    }
   });
 }
 

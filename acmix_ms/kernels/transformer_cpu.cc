@@ -25,12 +25,12 @@
 #include <vector>
 
 // Threads: the kernels' shared pool (parallel.h, idle workers sleep) where this package has it, else OpenMP
-// (when compiled with -fopenmp), else one thread. for_rows(n, fn) calls fn(begin, end, worker) on contiguous
-// chunks of [0, n); worker < workers() indexes per-worker scratch.
+// (when compiled with -fopenmp), else one thread. for_rows(n, fn) calls fn(begin, end, chunk) on contiguous
+// chunks of [0, n); chunk < chunks(n) indexes per-chunk partial sums (added in chunk order: deterministic).
 #if __has_include("parallel.h")
 #include "parallel.h"
 namespace {
-inline int workers() { return acmix::num_workers(); }
+inline int64_t chunks(int64_t n) { return acmix::num_chunks(n); }
 template <typename Fn>
 inline void for_rows(int64_t n, Fn fn) {
   acmix::parallel_for(n, fn);
@@ -48,6 +48,7 @@ inline int workers() {
   return 1;
 #endif
 }
+inline int64_t chunks(int64_t) { return workers(); }
 template <typename Fn>
 inline void for_rows(int64_t n, Fn fn) {
   const int count = workers();
@@ -221,11 +222,11 @@ int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
   float *dgamma = static_cast<float *>(params[6]);
   float *dbeta = static_cast<float *>(params[7]);
   const float inv_cols = 1.0f / static_cast<float>(cols);
-  const int threads = workers();
-  // per-worker partial sums of dgamma / dbeta, added in worker order (deterministic for a thread count)
+  const int64_t threads = chunks(rows);
+  // per-chunk partial sums of dgamma / dbeta, added in chunk order (deterministic for a thread count)
   std::vector<float> partial(static_cast<size_t>(threads) * 2 * cols, 0.0f);
-  for_rows(rows, [&](int64_t begin, int64_t end, int worker) {
-    float *pg = partial.data() + static_cast<size_t>(worker) * 2 * cols;
+  for_rows(rows, [&](int64_t begin, int64_t end, int64_t chunk) {
+    float *pg = partial.data() + static_cast<size_t>(chunk) * 2 * cols;
     float *pb = pg + cols;
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * cols;
