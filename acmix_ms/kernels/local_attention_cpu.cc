@@ -262,6 +262,32 @@ struct PhaseLayout {
   int64_t ext_plane(const Geometry &g) const { return g.out_h * ph_w; }
 };
 
+// An (H, W) plane <-> the interior of a channel's phase storage zero-padded by `pad` on every side (the
+// border is never touched): row by row and phase by phase, so every inner loop is one run of a row (contiguous
+// for stride 1) instead of one index-table lookup per pixel.
+template <bool ToPhase>
+void copy_interior(const PhaseLayout &l, int64_t height, int64_t width, int64_t pad, const float *from, float *to) {
+  const int64_t s = l.stride;
+  for (int64_t r = 0; r < height; ++r) {
+    const int64_t row = r + pad, row_base = (row % s) * s * l.phase_plane() + (row / s) * l.ph_w;
+    for (int64_t a = 0; a < s; ++a) {
+      const int64_t first = pad + ((a - pad % s) % s + s) % s;  // first padded column >= pad of phase a
+      if (first >= pad + width) continue;
+      const int64_t count = (pad + width - first + s - 1) / s;
+      const int64_t phase_at = row_base + a * l.phase_plane() + first / s, plane_at = r * width + (first - pad);
+      if (ToPhase) {
+        const float *__restrict src = from + plane_at;
+        float *__restrict dst = to + phase_at;
+        for (int64_t i = 0; i < count; ++i) dst[i] = src[i * s];
+      } else {
+        const float *__restrict src = from + phase_at;
+        float *__restrict dst = to + plane_at;
+        for (int64_t i = 0; i < count; ++i) dst[i * s] = src[i];
+      }
+    }
+  }
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the maximum), branch-free so the loops vectorise: Cephes expf
 // (range reduction by ln 2 in two parts, degree-6 polynomial), relative error about 1e-7 (float round-off).
 inline float exp_nonpositive(float x) {
@@ -872,16 +898,6 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
   const int64_t ext = l.ext_plane(g), n = g.out_plane(), plane = height * width, taps = g.offsets();
   acmix::parallel_for(groups, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> padded(per_group_in * l.channel_size(), 0.0f), grad_ext(per_group_out * ext);
-    // (source offset, phase-storage offset) of every padded position inside the map; the border stays 0
-    std::vector<std::pair<int64_t, int64_t>> inside;
-    for (int64_t r = 0; r < g.pad_h; ++r) {
-      if (r < pad || r >= pad + height) continue;
-      for (int64_t t = pad; t < pad + width; ++t) {
-        const int64_t at = (r % l.stride) * l.stride * l.phase_plane() + (r / l.stride) * l.ph_w +
-                           (t % l.stride) * l.phase_plane() + t / l.stride;
-        inside.emplace_back((r - pad) * width + (t - pad), at);
-      }
-    }
     for (int64_t j = first; j < last; ++j) {
       float *dw = grad_weight + j * per_group_out * per_group_in * taps;
       std::fill(dw, dw + per_group_out * per_group_in * taps, 0.0f);
@@ -889,7 +905,7 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
         for (int64_t c = 0; c < per_group_in; ++c) {
           const float *src = x + (b * groups * per_group_in + j * per_group_in + c) * plane;
           float *dst = padded.data() + c * l.channel_size();
-          for (const auto &pos : inside) dst[pos.second] = src[pos.first];
+          copy_interior<true>(l, height, width, pad, src, dst);
         }
         for (int64_t m = 0; m < per_group_out; ++m) {
           expand(g, l, grad_out + (b * channels + j * per_group_out + m) * n, grad_ext.data() + m * ext);
@@ -958,21 +974,6 @@ bool read_group_conv(const int32_t *config, const int64_t *x_shape, const int64_
   if (out_shape[2] != g.out_h || out_shape[3] != g.out_w) return false;
   return weight_shape[0] == out_shape[1] && weight_shape[1] == g.dim && weight_shape[2] == g.kernel &&
          weight_shape[3] == g.kernel;
-}
-
-// (source offset in the (H, W) plane, offset in a channel's phase storage) of every padded position inside
-// the map; the zero border is never written.
-std::vector<std::pair<int64_t, int64_t>> interior_positions(const GroupConvGeometry &c, const PhaseLayout &l) {
-  std::vector<std::pair<int64_t, int64_t>> inside;
-  inside.reserve(c.plane());
-  for (int64_t r = c.pad; r < c.pad + c.height; ++r) {
-    for (int64_t t = c.pad; t < c.pad + c.width; ++t) {
-      const int64_t at = (r % l.stride) * l.stride * l.phase_plane() + (r / l.stride) * l.ph_w +
-                         (t % l.stride) * l.phase_plane() + t / l.stride;
-      inside.emplace_back((r - c.pad) * c.width + (t - c.pad), at);
-    }
-  }
-  return inside;
 }
 
 constexpr int64_t kLanes = 8;  // floats per vector step; runs are rounded up to it (buffers have the slack)
@@ -1084,7 +1085,6 @@ int GroupConvForward(int nparam, void **params, int *ndims, int64_t **shapes, co
   const PhaseLayout l(g);
   const int64_t n = round_up(l.span), ext = std::max(n, l.ext_plane(g)), out_plane = g.out_plane();
   const int64_t taps = g.offsets(), per_in = g.dim, per_out = c.per_group_out;
-  const auto inside = interior_positions(c, l);
   acmix::parallel_for(c.batch * g.heads, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> padded(per_in * l.channel_size() + kLanes, 0.0f), out_ext(4 * ext);
     std::vector<float> packed(per_in * taps * 4);
@@ -1094,7 +1094,7 @@ int GroupConvForward(int nparam, void **params, int *ndims, int64_t **shapes, co
       for (int64_t ci = 0; ci < per_in; ++ci) {
         const float *src = x + ((b * g.heads + j) * per_in + ci) * c.plane();
         float *dst = padded.data() + ci * l.channel_size();
-        for (const auto &pos : inside) dst[pos.second] = src[pos.first];
+        copy_interior<true>(l, c.height, c.width, c.pad, src, dst);
       }
       for (int64_t m0 = 0; m0 < per_out; m0 += 4) {
         if (packed_group != j || per_out > 4) pack_weights(weight, c, j, m0, packed.data());
@@ -1130,7 +1130,6 @@ int GroupConvInputGrad(int nparam, void **params, int *ndims, int64_t **shapes, 
   const PhaseLayout l(g);
   const int64_t n = round_up(l.span), ext = std::max(n, l.ext_plane(g)), out_plane = g.out_plane();
   const int64_t taps = g.offsets(), per_in = g.dim, per_out = c.per_group_out;
-  const auto inside = interior_positions(c, l);
   acmix::parallel_for(c.batch * g.heads, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> grad_pad(per_in * l.channel_size() + kLanes), dout_ext(4 * ext, 0.0f);
     std::vector<float> packed(per_in * taps * 4);
@@ -1152,7 +1151,7 @@ int GroupConvInputGrad(int nparam, void **params, int *ndims, int64_t **shapes, 
       for (int64_t ci = 0; ci < per_in; ++ci) {
         const float *src = grad_pad.data() + ci * l.channel_size();
         float *dst = grad_x + ((b * g.heads + j) * per_in + ci) * c.plane();
-        for (const auto &pos : inside) dst[pos.first] = src[pos.second];
+        copy_interior<false>(l, c.height, c.width, c.pad, src, dst);
       }
     }
   });
