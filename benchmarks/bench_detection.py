@@ -33,7 +33,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, environment_markdown, set_device  # noqa: E402
+from benchmarks.common import environment, environment_markdown  # noqa: E402
+from engine.config import DEVICE_TARGETS  # noqa: E402
+from engine.runtime import setup_context  # noqa: E402
 
 PAPER_SPEEDUP = {"pvt_small": 1.3, "pvt_large": 1.8}  # Table 5: ACmix fps / PVT fps on one Ascend 910
 PAPER_FPS = {"pvt_small": (50.3, 67.7), "pvt_large": (24.3, 43.9)}
@@ -50,7 +52,7 @@ def detector_names(*patterns):
 def build_detector(name, image_size, num_classes=80):
     import models
     from models.retinanet import RetinaNetDetect
-    from export import make_exportable
+    from engine.export import make_exportable
     model = models.create_model(name, num_classes=num_classes, img_size=image_size)
     model.set_train(False)
     make_exportable(model)  # device-kernel attention layers -> standard operators (same results)
@@ -199,7 +201,7 @@ def parse_args(argv):
     parser.add_argument("--flops_models", nargs="+", default=["retinanet_*"],
                         help="shell patterns of the detectors to size")
     parser.add_argument("--flops_size", type=int, nargs=2, default=[800, 1280], metavar=("H", "W"))
-    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default="CPU")
     parser.add_argument("--out", help="write the markdown report here (and <out>.json)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch", "rounds", "repeats"):
@@ -216,7 +218,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import mindspore as ms
     try:
-        set_device(args.device_target)
+        setup_context("graph", args.device_target)
     except RuntimeError:  # called in a process whose runtime already started (e.g. from a test): keep its device
         if ms.get_context("device_target") != args.device_target:
             raise

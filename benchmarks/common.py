@@ -16,19 +16,6 @@ import time
 import numpy as np
 
 
-def set_device(device_target):
-    """Select the backend ('CPU', 'GPU', 'Ascend') and graph mode."""
-    import mindspore as ms
-    allowed = ("CPU", "GPU", "Ascend")
-    if device_target not in allowed:
-        raise ValueError(f"device_target={device_target!r} is not supported; allowed values: {', '.join(allowed)}")
-    if hasattr(ms, "set_device"):
-        ms.set_device(device_target)
-    else:
-        ms.set_context(device_target=device_target)
-    ms.set_context(mode=ms.GRAPH_MODE)
-
-
 def _lscpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import yaml
 
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # the one list of MindSpore backends (engine, scripts, benchmarks)
+DEFAULT_LOSS_SCALE = 65536.0  # static loss scale, or the initial dynamic one (option loss_scale_value)
+
 
 class ConfigError(ValueError):
     """A configuration file or command-line option is invalid; the message names the option."""
@@ -191,13 +194,13 @@ TRAIN_OPTIONS = (
         "precision",
         ("amp_level", "str", "O0", "mixed precision level", {"choices": ("O0", "O1", "O2", "O3")}),
         ("loss_scale", "str", "none", "loss scaling", {"choices": ("none", "static", "dynamic")}),
-        ("loss_scale_value", "float", 65536.0, "static scale, or the initial dynamic scale"),
+        ("loss_scale_value", "float", DEFAULT_LOSS_SCALE, "static scale, or the initial dynamic scale"),
         ("loss_scale_window", "int", 1000, "dynamic scaling: finite steps before the scale grows"),
     )
     + _options(
         "run",
         ("device_target", "str", None, "null: MindSpore's default device", {"optional": True,
-                                                                            "choices": ("CPU", "GPU", "Ascend")}),
+                                                                            "choices": DEVICE_TARGETS}),
         ("mode", "str", "graph", "execution mode", {"choices": ("graph", "pynative")}),
         ("seed", "int", 42, "random seed (weights, data order, augmentation)"),
         ("distributed", "bool", None, "data parallel; null: on when launched by msrun with >1 workers",
@@ -319,6 +322,21 @@ def parse_overrides(argv):
         except yaml.YAMLError:
             overrides[name.replace("-", "_")] = text
     return overrides
+
+
+def parse_assignments(items, what):
+    """``['a=1', 'b=[1,2]']`` -> ``{'a': 1, 'b': [1, 2]}`` (values read as YAML)."""
+    result = {}
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"{what}: expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        result[key.strip()] = value
+    return result
 
 
 def build_config(options=TRAIN_OPTIONS, file_values=None, overrides=None, file_source="config file"):

@@ -4,8 +4,9 @@ import random
 
 import numpy as np
 
+from .config import DEVICE_TARGETS
+
 MODES = ("graph", "pynative")
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 
 
 def setup_context(mode="graph", device_target=None, seed=None):

@@ -10,6 +10,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, amp
 
+from .config import DEFAULT_LOSS_SCALE
+
 
 class NetWithLoss(nn.Cell):
     """images (B, C, H, W), labels (B,) or (B, K) -> scalar float32 loss."""
@@ -37,7 +39,7 @@ class NoLossScaler:
         return grads_finite
 
 
-def create_loss_scaler(kind, value=65536.0, window=1000):
+def create_loss_scaler(kind, value=DEFAULT_LOSS_SCALE, window=1000):
     """'none' | 'static' | 'dynamic' -> a loss scaler; the ms.amp ones keep their scale in Parameters."""
     if kind == "none":
         return NoLossScaler()

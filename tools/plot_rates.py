@@ -150,7 +150,7 @@ def main(argv=None):
     sources, title = [], None
     if args.model:
         import models
-        from benchmarks.bench_models import parse_assignments
+        from engine.config import parse_assignments
         model = models.create_model(args.model, **parse_assignments(args.override, "--override"))
         rows = rates_from_model(model)
         if not rows:
