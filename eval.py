@@ -177,11 +177,11 @@ def run(args):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from engine.checkpoint import CheckpointError  # after parsing: --help stays fast (it loads the models)
     from engine.config import ConfigError
     from engine.data import DataError
     from engine.runtime import ModelBuildError
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = run(args)
     except (ConfigError, DataError, CheckpointError, ModelBuildError) as err:

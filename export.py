@@ -52,10 +52,10 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from engine.checkpoint import CheckpointError  # after parsing: --help stays fast (it loads the models)
     from engine.config import ConfigError
     from engine.runtime import ModelBuildError
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         export(args)
     except (ConfigError, CheckpointError, ModelBuildError) as err:

@@ -217,7 +217,7 @@ def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
     Returns:
         (model, run Config, meta, use_ema); ``meta["num_classes"]`` is set.
     """
-    from .checkpoint import read_checkpoint, load_tensors_into
+    from models.weights import read_checkpoint, load_tensors_into
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights={weights!r} is not supported; allowed values: {WEIGHT_CHOICES}")
     tensors, meta = read_checkpoint(path)

@@ -77,6 +77,6 @@ def create_model(name, num_classes=1000, checkpoint=None, strict=True, **overrid
     _check_name(name)
     model = _MODELS[name](num_classes=num_classes, **overrides)
     if checkpoint is not None:
-        from engine.checkpoint import load_checkpoint_into  # local import: engine is optional here
+        from .weights import load_checkpoint_into
         load_checkpoint_into(model, checkpoint, strict=strict)
     return model
