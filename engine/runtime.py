@@ -106,6 +106,15 @@ def check_input_size(model, name, image_size):
                           f"side (its attention padding and downsampling); use --image_size {smallest} or more")
 
 
+def describe_attention_backends(model):
+    """Which implementation computes each sliding-window ACmix layer of ``model``, e.g.
+    ``'2 layer(s) cpu kernel, 1 layer(s) unfold'`` (a device kernel named as such); '' without such layers."""
+    from acmix_ms.local import attention_backends
+    from acmix_ms.local_attention import PORTABLE_IMPLS
+    return ", ".join(f"{count} layer(s) {backend if backend in PORTABLE_IMPLS else backend + ' kernel'}"
+                     for backend, count in sorted(attention_backends(model).items()))
+
+
 MODEL_OPTIONS = ("model", "num_classes", "in_chans", "model_overrides")
 RUN_OPTIONS = MODEL_OPTIONS + ("image_size", "crop_pct", "interpolation", "mean", "std")
 

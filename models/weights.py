@@ -61,7 +61,7 @@ def _describe(names, limit=20):
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def match_state(named_params, tensors, source=""):
+def match_state(named_params, tensors):
     """Compare model parameters with checkpoint tensors.
 
     Returns:
