@@ -25,7 +25,8 @@ from acmix_ms import ACmixLocal, ShiftConv
 from acmix_ms.spatial import out_size
 from acmix_ms.validation import check_choice, check_positive_int
 
-from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_num_classes, check_out_indices,
+                     drop_path_rates)
 from .registry import register_model
 
 __all__ = ["ResNet", "Bottleneck"]
@@ -217,18 +218,16 @@ def _min_input_size(layers, stem, acmix):
 
 
 def _create_resnet(name, num_classes, in_chans, overrides, use_acmix, **defaults):
-    """Merge a registered configuration with user overrides; unknown keywords raise TypeError."""
-    structure = {**STRUCTURE_DEFAULTS, **{k: v for k, v in defaults.items() if k in STRUCTURE_DEFAULTS}}
-    acmix = {**ACMIX_DEFAULTS, **{k: v for k, v in defaults.items() if k in ACMIX_DEFAULTS}} if use_acmix else {}
-    unknown = sorted(set(overrides) - set(structure) - set(acmix))
-    if unknown:
-        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(set(structure) | set(acmix)))}")
-    for key, value in overrides.items():
-        (structure if key in structure else acmix)[key] = value
-    official_init = acmix.pop("official_init", False)
-    return ResNet(num_classes=num_classes, in_chans=in_chans, acmix=acmix if use_acmix else None,
-                  official_init=official_init, **structure)
+    """A registered configuration with user overrides (``build_model_with_cfg``): the structure options,
+    and for ResNet-ACmix the ``ACmixLocal`` options (gathered into ``acmix``) and ``official_init``."""
+    options = {**STRUCTURE_DEFAULTS, **{k: v for k, v in defaults.items() if k in STRUCTURE_DEFAULTS},
+               "num_classes": num_classes, "in_chans": in_chans}
+    groups = None
+    if use_acmix:
+        acmix = {**ACMIX_DEFAULTS, **{k: v for k, v in defaults.items() if k in ACMIX_DEFAULTS}}
+        options["official_init"] = acmix.pop("official_init")
+        groups = {"acmix": acmix}
+    return build_model_with_cfg(ResNet, name, options, overrides, groups)
 
 
 @register_model(paper={"params_m": 13.7, "gmacs": 2.4, "top1": 73.6})

@@ -29,7 +29,8 @@ from acmix_ms import ACmixPatchwise
 from acmix_ms.validation import check_positive_int
 
 from .registry import register_model
-from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_num_classes, check_out_indices,
+                     drop_path_rates)
 
 __all__ = ["SAN", "SANBottleneck"]
 
@@ -160,17 +161,13 @@ class SAN(StagedBackbone):
 
 
 def _create_san(name, num_classes, in_chans, overrides, use_acmix, **defaults):
-    """Merge a registered configuration with user overrides; unknown keywords raise TypeError."""
-    structure = {**STRUCTURE_DEFAULTS, **defaults}
-    acmix = dict(ACMIX_DEFAULTS) if use_acmix else {}
-    unknown = sorted(set(overrides) - set(structure) - set(acmix))
-    if unknown:
-        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(set(structure) | set(acmix)))}")
-    for key, value in overrides.items():
-        (structure if key in structure else acmix)[key] = value
-    sam_options = acmix if use_acmix else {"rate_mode": "attention"}
-    return SAN(num_classes=num_classes, in_chans=in_chans, sam_options=sam_options, **structure)
+    """A registered configuration with user overrides (``build_model_with_cfg``): the structure options, and
+    for SAN-ACmix the ``ACmixPatchwise`` options (gathered into ``sam_options``); the baseline's SAMs are
+    attention only."""
+    options = {**STRUCTURE_DEFAULTS, **defaults, "num_classes": num_classes, "in_chans": in_chans}
+    if use_acmix:
+        return build_model_with_cfg(SAN, name, options, overrides, groups={"sam_options": ACMIX_DEFAULTS})
+    return build_model_with_cfg(SAN, name, options, overrides, fixed={"sam_options": {"rate_mode": "attention"}})
 
 
 @register_model(paper={"params_m": 11.8, "gmacs": 1.9, "top1": 77.1})
