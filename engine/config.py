@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import yaml
 
@@ -339,7 +340,8 @@ def parse_assignments(items, what):
     return result
 
 
-def build_config(options=TRAIN_OPTIONS, file_values=None, overrides=None, file_source="config file"):
+def build_config(options: tuple = TRAIN_OPTIONS, file_values: Optional[dict] = None,
+                 overrides: Optional[dict] = None, file_source: str = "config file") -> "Config":
     """Defaults, then ``file_values``, then ``overrides``; every value checked against ``options``."""
     by_name = {opt.name: opt for opt in options}
     values = {opt.name: opt.default for opt in options}
@@ -430,7 +432,7 @@ def help_text(options=TRAIN_OPTIONS, program="train.py"):
     return "\n".join(lines)
 
 
-def load_config(argv, options=TRAIN_OPTIONS, program="train.py"):
+def load_config(argv: list, options: tuple = TRAIN_OPTIONS, program: str = "train.py") -> tuple["Config", bool]:
     """Parse a command line: ``--config`` file, ``--help``, ``--print_config`` and option overrides.
 
     Returns ``(config, print_only)``; ``print_only`` is True when ``--print_config`` was given.

@@ -4,10 +4,12 @@
 The file is written under a temporary name, reloaded (MINDIR: ``ms.load`` + ``nn.GraphCell``; ONNX:
 onnxruntime when installed) and run on a sample batch; only a file within tolerance is moved to its place.
 """
+import argparse
 import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -95,7 +97,7 @@ def run_exported(path, file_format, sample):
     return None
 
 
-def export(args):
+def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     """Export, verify and move into place; returns (output path, max |diff| or None)."""
     import mindspore as ms
     from .config import ConfigError

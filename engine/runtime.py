@@ -1,15 +1,19 @@
 """Process setup shared by train.py, eval.py and export.py: context, device, distributed init, models."""
 import os
 import random
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from .config import DEVICE_TARGETS
 
+if TYPE_CHECKING:
+    from mindspore import nn
+
 MODES = ("graph", "pynative")
 
 
-def setup_context(mode="graph", device_target=None, seed=None):
+def setup_context(mode: str = "graph", device_target: Optional[str] = None, seed: Optional[int] = None) -> None:
     """Graph or PyNative mode on the chosen device (None: MindSpore's default); seeds every RNG."""
     import mindspore as ms
     if mode not in MODES:
@@ -70,7 +74,8 @@ def model_kwargs(model_overrides=None, drop_path_rate=None, in_chans=3):
     return kwargs
 
 
-def build_model(name, num_classes, kwargs=None, image_size=None):
+def build_model(name: str, num_classes: int, kwargs: Optional[dict] = None,
+                image_size: Optional[int] = None) -> tuple["nn.Cell", dict]:
     """``models.create_model(name, num_classes, **kwargs)``; models that take ``img_size`` (Swin's windows,
     PVT's position embeddings) are built for ``image_size`` unless ``kwargs`` sets it.
 
@@ -215,7 +220,8 @@ def checkpoint_run_config(path, tensors, meta, given=None, config_file=None):
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
 
-def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
+def model_from_checkpoint(path: str, weights: str = "auto", given: Optional[dict] = None,
+                          config_file: Optional[str] = None) -> tuple:
     """Rebuild the model a checkpoint holds and load its weights (strictly; non-finite values refused); the
     run's image_size is checked against the model's smallest input first.
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data import DataError, find_bad_images, image_checker, steps_per_epoch
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
@@ -68,7 +68,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Builds everything for a config; ``fit()`` trains and returns a summary dict."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         if cfg.model is None:
             raise ConfigError("option 'model' is required (a name from models.list_models())")
         self.cfg = cfg
@@ -431,7 +431,7 @@ class Trainer:
             return self.monitored(*next(iterator))  # images, labels (, random-erasing draws)
         return run
 
-    def fit(self):
+    def fit(self) -> dict:
         """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict.
 
         The host does not wait for the device per step: losses, lr and the non-finite flags stay on the device
@@ -558,7 +558,7 @@ class Trainer:
         return val, False
 
 
-def train(cfg):
+def train(cfg: Config) -> tuple["Trainer", dict]:
     """Train a config; returns ``(trainer, summary)``."""
     trainer = Trainer(cfg)
     return trainer, trainer.fit()

@@ -15,7 +15,7 @@ ResNet-ACmix replaces EVERY Bottleneck's ``conv2`` (layer1 included) by
 Initialisation: Kaiming normal (fan_out, ReLU) for every ``nn.Conv2d`` (also the ACmix ``qkv``, ``conv_p``
 and ``fc``), BatchNorm gamma 1 / beta 0. The ACmix group conv ``dep_conv`` keeps its shift-kernel init
 (``shift_impl='learnable'``, the paper's default). The official code re-initialises ``dep_conv`` too,
-because its init loop catches every ``nn.Conv2d`` (quirk 1 of the reference notes, official-acmix.md: the
+because its init loop catches every ``nn.Conv2d`` (docs/operator.md, "Shift init kept in ResNet-ACmix": the
 released ResNet models are the "random init" row of Table 7); ``official_init=True`` reproduces that re-init.
 """
 from mindspore import nn

@@ -13,7 +13,8 @@ Layout (hszhao/SAN ``model/san.py``, patchwise ``sa_type=1``; attribute names ke
 The baselines ``san10/15/19`` use ``rate_mode='attention'``: exactly SAN's patchwise SAM, no conv-path
 parameters. ``san*_acmix`` add the ACmix conv path (fc over the q, k and 4 value groups of width C/16,
 shift group conv to C/4 channels, learnable rates); SAN-ACmix code was never released, so this follows the
-proposal of the reference notes (official-acmix.md, section 3) and its parameter counts are that proposal's, not the paper's.
+proposal described in docs/operator.md ("PVT / SAN") and its parameter counts are that proposal's, not the
+paper's.
 
 Initialisation: MindSpore's defaults, which equal PyTorch's defaults that SAN uses (no explicit init);
 the ACmix ``dep_conv`` keeps its shift init.
@@ -37,7 +38,7 @@ __all__ = ["SAN", "SANBottleneck"]
 NUM_STAGES = 5
 STAGE_WIDTH_FACTORS = (1, 4, 8, 16, 32)
 
-# ACmix options of the SAM, with the proposal's values (official-acmix.md, section 3).
+# ACmix options of the SAM, with the proposal's values (docs/operator.md, "PVT / SAN").
 ACMIX_DEFAULTS = {"kernel_conv": 3, "fc_bias": True, "shift_impl": "learnable", "rate_mode": "learnable",
                   "rates": (0.5, 0.5)}
 STRUCTURE_DEFAULTS = {"layers": (3, 3, 4, 6, 3), "kernels": (3, 7, 7, 7, 7), "base_width": 64, "share_planes": 8,
@@ -190,7 +191,7 @@ def san19(num_classes=1000, in_chans=3, **overrides):
 
 @register_model(paper={"params_m": 12.1, "gmacs": 1.9, "top1": 77.6})
 def san10_acmix(num_classes=1000, in_chans=3, **overrides):
-    """SAN-ACmix-10: SAN-10 with the ACmix conv path in every SAM (proposal, official-acmix.md section 3)."""
+    """SAN-ACmix-10: SAN-10 with the ACmix conv path in every SAM (the proposal of docs/operator.md)."""
     return _create_san("san10_acmix", num_classes, in_chans, overrides, True, layers=(2, 1, 2, 4, 1))
 
 

@@ -6,6 +6,10 @@ loss-scaler state, ``meta.`` entries), and this module reads them: the state ent
 """
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mindspore import nn
 
 import numpy as np
 
@@ -33,7 +37,7 @@ def _decode_meta(value):
     return array.item() if array.size == 1 else array
 
 
-def read_checkpoint(path):
+def read_checkpoint(path: str) -> tuple[dict, dict]:
     """``(tensors, meta)``: {name: numpy array} for every tensor, {key: value} for the ``meta.`` entries."""
     import mindspore as ms
     if not os.path.isfile(path):
@@ -106,7 +110,7 @@ def non_finite_names(tensors):
     return bad
 
 
-def load_checkpoint_into(model, path, strict=True, use_ema=False):
+def load_checkpoint_into(model: "nn.Cell", path: str, strict: bool = True, use_ema: bool = False) -> tuple:
     """Load the weights of a checkpoint file into ``model``.
 
     Args:
