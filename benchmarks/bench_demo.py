@@ -82,7 +82,7 @@ def main(argv=None):
     tasks = {}  # label -> callable returning img/s of one round
     scratch = tempfile.mkdtemp(prefix="bench_demo_")
     if not args.no_data:
-        from tools.prepare_fashion_mnist import prepare
+        from engine.fashion_mnist import prepare
         per_class = args.data_images // 10
         values = dict(read_yaml(str(ROOT / "configs" / "demo_fashion_mnist.yaml")), batch_size=args.data_batch,
                       num_workers=args.num_workers, image_size=28)

@@ -116,7 +116,7 @@ def load_data(choice, val_size, seed):
     """(train images, train labels, val images, val labels, source): float32 (N, 1, 28, 28) in [0, 1]-ish."""
     have_files = os.path.isfile(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz"))
     if choice == "fashion-mnist" or (choice == "auto" and have_files):
-        from tools.prepare_fashion_mnist import load_split
+        from engine.fashion_mnist import load_split
         train_x, train_y = load_split(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz"),
                                       os.path.join(FASHION_MNIST, "train-labels-idx1-ubyte.gz"))
         val_x, val_y = load_split(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz"),

@@ -382,7 +382,7 @@ def parse_args(argv):
                                                                                             else ""))
     args.subset = args.train_per_class is not None or args.val_per_class is not None
     if not args.data_dir:
-        from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+        from engine.fashion_mnist import DEFAULT_SOURCE
         args.data_dir = (os.path.join("data", f"fashion_mnist_idx_{args.train_per_class}_{args.val_per_class}")
                          if args.subset else args.fashion_mnist_source or DEFAULT_SOURCE)
     return args
@@ -404,7 +404,7 @@ def main(argv=None):
         return 0
     if not args.table_only:
         if args.subset:
-            from tools.prepare_fashion_mnist import DEFAULT_SOURCE, prepare_idx
+            from engine.fashion_mnist import DEFAULT_SOURCE, prepare_idx
             prepare_idx(args.data_dir, source=args.fashion_mnist_source or DEFAULT_SOURCE,
                         train_per_class=args.train_per_class, val_per_class=args.val_per_class)
         for variant in args.variants:
