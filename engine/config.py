@@ -325,6 +325,17 @@ def parse_overrides(argv):
     return overrides
 
 
+def yaml_mapping(text):
+    """An argparse ``type``: the command-line text read as a YAML mapping (anything else is refused)."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+yaml_mapping.__name__ = "YAML mapping"  # argparse names the type in its error message
+
+
 def parse_assignments(items, what):
     """``['a=1', 'b=[1,2]']`` -> ``{'a': 1, 'b': [1, 2]}`` (values read as YAML)."""
     result = {}

@@ -100,6 +100,23 @@ def _request(source, train_per_class, val_per_class, paths):
     return paths, wanted
 
 
+def _subsets(paths, train_per_class, val_per_class):
+    """(split, images, labels, indices of the first N per class) of the train and val source files."""
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, labels = load_split(paths[f"{split}_images"], paths[f"{split}_labels"])
+        yield split, images, labels, select_per_class(labels, per_class)
+
+
+def _write_manifest(manifest_path, wanted, counts):
+    """Record what was written (atomically: a crash leaves no manifest, so the next call rewrites)."""
+    manifest = dict(wanted, counts=counts, classes=list(CLASS_NAMES))
+    temp = manifest_path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+    os.replace(temp, manifest_path)
+    return manifest
+
+
 def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None, paths=None, log=print):
     """Create (or keep) ``out/train`` and ``out/val``; returns the manifest dict."""
     paths, wanted = _request(source, train_per_class, val_per_class, paths)
@@ -119,18 +136,11 @@ def prepare(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=None
         return old
     os.makedirs(out, exist_ok=True)
     counts = {}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, labels = load_split(paths[f"{split}_images"], paths[f"{split}_labels"])
-        indices = select_per_class(labels, per_class)
+    for split, images, labels, indices in _subsets(paths, train_per_class, val_per_class):
         write_split(out, split, images, labels, indices)
         counts[split] = int(len(indices))
         log(f"wrote {len(indices)} images to {os.path.join(out, split)}")
-    manifest = dict(wanted, counts=counts, classes=list(CLASS_NAMES))
-    temp = manifest_path + ".tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1)
-    os.replace(temp, manifest_path)
-    return manifest
+    return _write_manifest(manifest_path, wanted, counts)
 
 
 IDX_MANIFEST = ".fashion_mnist_idx.json"
@@ -155,16 +165,9 @@ def prepare_idx(out, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=
                            f"(or use that folder directly as --data_dir)")
     os.makedirs(out, exist_ok=True)
     counts = {}
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, labels = load_split(paths[f"{split}_images"], paths[f"{split}_labels"])
-        indices = select_per_class(labels, per_class)
+    for split, images, labels, indices in _subsets(paths, train_per_class, val_per_class):
         write_idx(targets[f"{split}_images"], images[indices])
         write_idx(targets[f"{split}_labels"], labels[indices].astype(np.uint8))
         counts[split] = int(len(indices))
         log(f"wrote {len(indices)} {split} images to {targets[f'{split}_images']}")
-    manifest = dict(wanted, counts=counts, classes=list(CLASS_NAMES))
-    temp = manifest_path + ".tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1)
-    os.replace(temp, manifest_path)
-    return manifest
+    return _write_manifest(manifest_path, wanted, counts)

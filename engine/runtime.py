@@ -126,19 +126,12 @@ RUN_OPTIONS = MODEL_OPTIONS + ("image_size", "crop_pct", "interpolation", "mean"
 
 def add_run_option_arguments(parser, image_size_help="input height and width"):
     """The ``RUN_OPTIONS`` as command-line arguments of eval.py / export.py (all default to None: not given)."""
-    import yaml
-
-    def mapping(text):
-        value = yaml.safe_load(text)
-        if not isinstance(value, dict):
-            raise ValueError(text)
-        return value
-    mapping.__name__ = "YAML mapping"
+    from .config import yaml_mapping
     group = parser.add_argument_group("model and preprocessing (taken from the checkpoint when it records them)")
     group.add_argument("--model", help="registered model name (a checkpoint's own model cannot be changed)")
     group.add_argument("--num_classes", type=int, help="classifier width")
     group.add_argument("--in_chans", type=int, help="input channels (1 or 3)")
-    group.add_argument("--model_overrides", type=mapping, help="constructor arguments, e.g. '{embed_dim: 16}'")
+    group.add_argument("--model_overrides", type=yaml_mapping, help="constructor arguments, e.g. '{embed_dim: 16}'")
     group.add_argument("--image_size", type=int, help=image_size_help)
     group.add_argument("--crop_pct", type=float, help="resize to image_size / crop_pct, then center crop")
     group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")

@@ -41,7 +41,18 @@ def drop_path_rates(drop_path_rate, num_blocks):
     return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
+def check_block_counts(layers, num_stages):
+    """``layers``: one positive block count per stage (ResNet, SAN); returns them as a tuple."""
+    layers = tuple(layers)
+    if len(layers) != num_stages:
+        raise ValueError(f"layers must give {num_stages} block counts, got {layers!r}")
+    for count in layers:
+        check_positive_int("layers[i]", count)
+    return layers
+
+
 def check_num_classes(num_classes):
+    """``num_classes``: a non-negative int (0 builds no classifier); the one check of every family."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
     return num_classes

@@ -25,8 +25,8 @@ from acmix_ms import ACmixLocal, ShiftConv
 from acmix_ms.spatial import out_size
 from acmix_ms.validation import check_choice, check_positive_int
 
-from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_num_classes, check_out_indices,
-                     drop_path_rates)
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
+                     check_out_indices, drop_path_rates)
 from .registry import register_model
 
 __all__ = ["ResNet", "Bottleneck"]
@@ -112,11 +112,7 @@ class ResNet(StagedBackbone):
     def __init__(self, layers, num_classes=1000, in_chans=3, base_width=64, stem="imagenet", acmix=None,
                  drop_path_rate=0.0, official_init=False, out_indices=None):
         super().__init__()
-        layers = tuple(layers)
-        if len(layers) != NUM_STAGES:
-            raise ValueError(f"layers must give {NUM_STAGES} block counts, got {layers!r}")
-        for count in layers:
-            check_positive_int("layers[i]", count)
+        layers = check_block_counts(layers, NUM_STAGES)
         check_num_classes(num_classes)
         check_positive_int("in_chans", in_chans)
         check_positive_int("base_width", base_width)

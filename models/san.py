@@ -30,8 +30,8 @@ from acmix_ms import ACmixPatchwise
 from acmix_ms.validation import check_positive_int
 
 from .registry import register_model
-from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_num_classes, check_out_indices,
-                     drop_path_rates)
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
+                     check_out_indices, drop_path_rates)
 
 __all__ = ["SAN", "SANBottleneck"]
 
@@ -98,13 +98,9 @@ class SAN(StagedBackbone):
     def __init__(self, layers, kernels, num_classes=1000, in_chans=3, base_width=64, share_planes=8,
                  sam_options=None, drop_path_rate=0.0, out_indices=None):
         super().__init__()
-        layers, kernels = tuple(layers), tuple(kernels)
-        if len(layers) != NUM_STAGES:
-            raise ValueError(f"layers must give {NUM_STAGES} block counts, got {layers!r}")
+        layers, kernels = check_block_counts(layers, NUM_STAGES), tuple(kernels)
         if len(kernels) != NUM_STAGES:
             raise ValueError(f"kernels must give {NUM_STAGES} attention kernels, got {kernels!r}")
-        for count in layers:
-            check_positive_int("layers[i]", count)
         check_num_classes(num_classes)
         check_positive_int("in_chans", in_chans)
         check_positive_int("base_width", base_width)
