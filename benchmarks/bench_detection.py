@@ -65,7 +65,7 @@ def _outputs(result):
     return [item.asnumpy() for item in result]
 
 
-def interleaved(callables, batch, rounds, repeats):
+def interleaved(callables, rounds, repeats):
     """{name: [seconds per call]} timing the callables round-robin (one warm call each first)."""
     times = {name: [] for name in callables}
     for name, (fn, args) in callables.items():
@@ -98,7 +98,7 @@ def speed_pair(backbone, image_size, batch, rounds, repeats, mindir=True, log=pr
         log(f"built {name} in {time.perf_counter() - start:.0f} s")
     rows = {name: {} for name in names}
     start = time.perf_counter()
-    times = interleaved({name: (built[name][1], (images,)) for name in names}, batch, rounds, repeats)
+    times = interleaved({name: (built[name][1], (images,)) for name in names}, rounds, repeats)
     log(f"in-process timing took {time.perf_counter() - start:.0f} s")
     for name in names:
         rows[name]["network"] = _summary(times[name], batch)
@@ -120,7 +120,7 @@ def speed_pair(backbone, image_size, batch, rounds, repeats, mindir=True, log=pr
             rows[name]["mindir_max_abs_diff"] = max(float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
                                                     for a, b in zip(exported, reference))
             rows[name]["mindir_mb"] = os.path.getsize(base + ".mindir") / 2 ** 20
-        times = interleaved({name: (graphs[name], (images,)) for name in names}, batch, rounds, repeats)
+        times = interleaved({name: (graphs[name], (images,)) for name in names}, rounds, repeats)
         for name in names:
             rows[name]["mindir"] = _summary(times[name], batch)
         for name in names:

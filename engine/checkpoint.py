@@ -29,6 +29,27 @@ class NonFiniteStateError(CheckpointError):
 TEMP_PREFIX = ".tmp-"
 
 
+class SaveSchedule:
+    """When a run writes ``last.ckpt`` and when it stops early (options ``save_every_steps``,
+    ``save_every_epochs``, ``epochs``, ``stop_at_step``; 0 / None turns a rule off)."""
+
+    def __init__(self, save_every_steps, save_every_epochs, epochs, stop_at_step):
+        self.every_steps, self.every_epochs = save_every_steps, save_every_epochs
+        self.epochs, self.stop_at_step = epochs, stop_at_step
+
+    def step_due(self, global_step):
+        """A save after this step (every ``save_every_steps``)."""
+        return bool(self.every_steps) and global_step % self.every_steps == 0
+
+    def epoch_due(self, epochs_done, global_step):
+        """A save at this epoch end: every ``save_every_epochs``, after the last epoch, or a step save due."""
+        return epochs_done % self.every_epochs == 0 or epochs_done == self.epochs or self.step_due(global_step)
+
+    def stops(self, global_step):
+        """``stop_at_step`` is reached."""
+        return bool(self.stop_at_step) and global_step >= self.stop_at_step
+
+
 def remove_temp_files(folder):
     """Delete the ``.tmp-*.ckpt`` files an interrupted ``save_checkpoint`` left in ``folder``; returns them."""
     if not os.path.isdir(folder):

@@ -109,6 +109,8 @@ class Trainer:
 
         self._build_model()
         self._build_step()
+        self.save_schedule = ckpt.SaveSchedule(cfg.save_every_steps, cfg.save_every_epochs, cfg.epochs,
+                                               cfg.stop_at_step)
         self.epochs_done, self.step_in_epoch, self.best_top1, self.best_epoch = 0, 0, None, None
         self.last_checkpoint, self.last_checkpoint_step = None, None
         resume_path = self._resume_path()
@@ -508,9 +510,9 @@ class Trainer:
                 self.metrics.write(record)
             if self.step_in_epoch == self.steps_per_epoch:
                 break
-            if cfg.stop_at_step and step >= cfg.stop_at_step:
+            if self.save_schedule.stops(step):
                 return True
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            if self.save_schedule.step_due(step):
                 self._save_last(f"every {cfg.save_every_steps} steps", progress)
         return False
 
@@ -545,14 +547,14 @@ class Trainer:
                 self._save(BEST)
         record["best_top1"] = self.best_top1
         self.metrics.write(record)
-        step_due = cfg.save_every_steps and self.global_step() % cfg.save_every_steps == 0
-        if self.epochs_done % cfg.save_every_epochs == 0 or last_epoch or step_due:
+        saved = self.save_schedule.epoch_due(self.epochs_done, self.global_step())
+        if saved:
             self._save_last(f"epoch {self.epochs_done}", progress)
         if cfg.plot and self.writer:
             plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
                         self.log if self.epochs_done == 1 else None)
-        if cfg.stop_at_step and self.global_step() >= cfg.stop_at_step and not last_epoch:
-            if not (self.epochs_done % cfg.save_every_epochs == 0 or step_due):
+        if self.save_schedule.stops(self.global_step()) and not last_epoch:
+            if not saved:
                 self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
             return val, True
         return val, False
