@@ -6,6 +6,7 @@ peak resident set size (VmHWM) during a block, reset before it through /proc/sel
 MindSpore's own allocator statistics are not available for the CPU backend.
 """
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -14,6 +15,18 @@ import sys
 import time
 
 import numpy as np
+
+
+def format_value(value, digits=1):
+    """A table cell: ``value`` with ``digits`` decimals, or "—" when it is missing (None or NaN)."""
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def relative_delta(ours, paper):
+    """A table cell: how far ``ours`` is from ``paper``, in percent ("—" when either is missing)."""
+    if ours is None or paper is None:
+        return "—"
+    return f"{100.0 * (ours - paper) / paper:+.1f}%"
 
 
 def _lscpu_model():

@@ -4,7 +4,6 @@ pair tables and the shared command-line options. The benchmark scripts parse arg
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -12,7 +11,7 @@ import sys
 from pathlib import Path
 
 from engine.config import DEVICE_TARGETS, parse_assignments
-from benchmarks.common import PeakRSS, summarize, time_calls
+from benchmarks.common import PeakRSS, format_value, summarize, time_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 ACMIX_SUFFIX = "_acmix"
@@ -210,10 +209,6 @@ def images_per_second(result, batch):
 
 def format_ms(stats):
     return (f"{1e3 * stats['median']:.1f} [{1e3 * stats['p25']:.1f}–{1e3 * stats['p75']:.1f}]")
-
-
-def format_value(value, digits=1):
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def format_ratio(value):
