@@ -13,7 +13,7 @@ import os
 import tempfile
 
 # reading and loading live beside the models; named here too, for the engine's and the scripts' callers
-from models.weights import (STATE_PREFIXES, CheckpointError, _describe, _to_numpy, assign_tensors,  # noqa: F401
+from models.weights import (STATE_PREFIXES, CheckpointError, describe_names, to_numpy, assign_tensors,  # noqa: F401
                             key_report, load_checkpoint_into, load_tensors_into, match_state, non_finite_names,
                             read_checkpoint, read_meta)
 
@@ -23,7 +23,7 @@ class NonFiniteStateError(CheckpointError):
 
     def __init__(self, path, names):
         self.names = names
-        super().__init__(f"not writing {path}: {len(names)} tensor(s) hold NaN or inf ({_describe(names, 5)})")
+        super().__init__(f"not writing {path}: {len(names)} tensor(s) hold NaN or inf ({describe_names(names, 5)})")
 
 
 TEMP_PREFIX = ".tmp-"
@@ -71,7 +71,7 @@ def save_checkpoint(path, tensors, meta=None, require_finite=True):
         NonFiniteStateError (nothing written) when ``require_finite`` and a tensor holds NaN or inf.
     """
     import mindspore as ms
-    arrays = [(name, _to_numpy(value)) for name, value in tensors]
+    arrays = [(name, to_numpy(value)) for name, value in tensors]
     if require_finite:
         broken = non_finite_names(dict(arrays))
         if broken:

@@ -20,7 +20,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-def _to_numpy(value):
+def to_numpy(value):
+    """A Tensor, Parameter or array as a numpy array."""
     return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
 
 
@@ -31,7 +32,7 @@ def _decode_meta(value):
         if value == "none:":
             return None
         return value
-    array = _to_numpy(value)
+    array = to_numpy(value)
     if array.dtype == np.bool_:
         return bool(array)
     return array.item() if array.size == 1 else array
@@ -51,7 +52,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
         if name.startswith("meta."):
             meta[name[5:]] = _decode_meta(value)
         else:
-            tensors[name] = _to_numpy(value)
+            tensors[name] = to_numpy(value)
     return tensors, meta
 
 
@@ -59,7 +60,8 @@ def read_meta(path):
     return read_checkpoint(path)[1]
 
 
-def _describe(names, limit=20):
+def describe_names(names, limit=20):
+    """The sorted ``names``, comma separated, the first ``limit`` of them (for error messages)."""
     names = sorted(names)
     text = ", ".join(names[:limit])
     return text + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -83,10 +85,10 @@ def match_state(named_params, tensors):
 def key_report(missing, unexpected, mismatched):
     lines = []
     if missing:
-        lines.append(f"{len(missing)} missing key(s) (in the model, not in the checkpoint): {_describe(missing)}")
+        lines.append(f"{len(missing)} missing key(s) (in the model, not in the checkpoint): {describe_names(missing)}")
     if unexpected:
         lines.append(f"{len(unexpected)} unexpected key(s) (in the checkpoint, not in the model): "
-                     f"{_describe(unexpected)}")
+                     f"{describe_names(unexpected)}")
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {ckpt} vs model {model}" for name, ckpt, model in mismatched[:20])
         lines.append(f"{len(mismatched)} shape mismatch(es): {shown}")
@@ -150,6 +152,6 @@ def load_tensors_into(model, tensors, meta, path, strict=True, use_ema=False):
     broken = non_finite_names({name: weights[name] for name, _ in loaded})
     if broken:
         raise CheckpointError(f"checkpoint {path} holds NaN or inf in {len(broken)} tensor(s) "
-                              f"({_describe(broken, 5)}): it comes from a diverged run and is not loaded")
+                              f"({describe_names(broken, 5)}): it comes from a diverged run and is not loaded")
     assign_tensors(loaded, weights)
     return missing, unexpected, mismatched
