@@ -28,6 +28,7 @@ class NonFiniteLogits(ValueError):
 
 
 def parse_args(argv):
+    from engine.config import DEVICE_TARGETS
     from engine.runtime import add_run_option_arguments
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint or MINDIR on an ImageFolder split.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -46,7 +47,7 @@ def parse_args(argv):
     parser.add_argument("--per_class", "--per-class", dest="per_class", action="store_true",
                         help="print the accuracy of every class")
     parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
-    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default=None)
     parser.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     add_run_option_arguments(parser, "evaluation crop size (pixels)")
     return parser.parse_args(argv)
@@ -176,11 +177,11 @@ def run(args):
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from engine.checkpoint import CheckpointError  # after parsing: --help stays fast (it loads the models)
     from engine.config import ConfigError
     from engine.data import DataError
     from engine.runtime import ModelBuildError
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = run(args)
     except (ConfigError, DataError, CheckpointError, ModelBuildError) as err:

@@ -11,15 +11,19 @@ import sys
 
 
 def main(argv=None):
-    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config
+    try:
+        cfg, print_only = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if print_only:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from engine.checkpoint import CheckpointError  # after parsing: --help stays fast (it loads the models)
     from engine.data import DataError
     from engine.runtime import ModelBuildError
     try:
-        cfg, print_only = load_config(sys.argv[1:] if argv is None else argv)
-        if print_only:
-            print(cfg.to_yaml(), end="")
-            return 0
         from engine.trainer import TrainingDiverged, train
         try:
             train(cfg)

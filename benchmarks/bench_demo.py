@@ -12,7 +12,7 @@ Data: one pass over ``--data_images`` training images (the first of each class o
 through ``engine.data.train_dataset`` with the demo recipe (configs/demo_fashion_mnist.yaml), once from the
 IDX files in memory (engine/idx_data.py) and once from an ImageFolder of PNG files written by
 tools/prepare_fashion_mnist.py; batches are pulled as NumPy arrays, nothing else runs. Model: the engine's
-compiled training step (``benchmarks.bench_models.engine_train_step``, AdamW) on a fixed random batch; the
+compiled training step (``benchmarks.harness.engine_train_step``, AdamW) on a fixed random batch; the
 first call of each configuration compiles and is not timed. Reports the median img/s over rounds and the
 load average before and after.
 """
@@ -74,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--no_models", action="store_true")
     args = parser.parse_args(argv)
     import numpy as np
-    from benchmarks.bench_models import ModelSpec, build_model, engine_train_step, random_batch, set_graph_mode
+    from benchmarks.harness import ModelSpec, build_spec_model, engine_train_step, random_batch, set_graph_mode
     from engine.config import build_config, read_yaml
     from engine.data import scan_split
     set_graph_mode()
@@ -82,7 +82,7 @@ def main(argv=None):
     tasks = {}  # label -> callable returning img/s of one round
     scratch = tempfile.mkdtemp(prefix="bench_demo_")
     if not args.no_data:
-        from tools.prepare_fashion_mnist import prepare
+        from engine.fashion_mnist import prepare
         per_class = args.data_images // 10
         values = dict(read_yaml(str(ROOT / "configs" / "demo_fashion_mnist.yaml")), batch_size=args.data_batch,
                       num_workers=args.num_workers, image_size=28)
@@ -97,7 +97,7 @@ def main(argv=None):
         for model_name in args.models:
             for size in args.image_sizes:
                 for batch in args.batch_sizes:
-                    model = build_model(ModelSpec(model_name), size, num_classes=10)
+                    model = build_spec_model(ModelSpec(model_name), size, num_classes=10)
                     model.set_train(True)
                     step = engine_train_step(model, "adamw")
                     inputs = random_batch(batch, size, num_classes=10)

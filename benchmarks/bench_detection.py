@@ -33,7 +33,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, environment_markdown, set_device  # noqa: E402
+from benchmarks.common import environment, environment_markdown  # noqa: E402
+from engine.config import DEVICE_TARGETS  # noqa: E402
+from engine.runtime import setup_context  # noqa: E402
 
 PAPER_SPEEDUP = {"pvt_small": 1.3, "pvt_large": 1.8}  # Table 5: ACmix fps / PVT fps on one Ascend 910
 PAPER_FPS = {"pvt_small": (50.3, 67.7), "pvt_large": (24.3, 43.9)}
@@ -50,7 +52,7 @@ def detector_names(*patterns):
 def build_detector(name, image_size, num_classes=80):
     import models
     from models.retinanet import RetinaNetDetect
-    from export import make_exportable
+    from engine.export import make_exportable
     model = models.create_model(name, num_classes=num_classes, img_size=image_size)
     model.set_train(False)
     make_exportable(model)  # device-kernel attention layers -> standard operators (same results)
@@ -63,7 +65,7 @@ def _outputs(result):
     return [item.asnumpy() for item in result]
 
 
-def interleaved(callables, batch, rounds, repeats):
+def interleaved(callables, rounds, repeats):
     """{name: [seconds per call]} timing the callables round-robin (one warm call each first)."""
     times = {name: [] for name in callables}
     for name, (fn, args) in callables.items():
@@ -96,7 +98,7 @@ def speed_pair(backbone, image_size, batch, rounds, repeats, mindir=True, log=pr
         log(f"built {name} in {time.perf_counter() - start:.0f} s")
     rows = {name: {} for name in names}
     start = time.perf_counter()
-    times = interleaved({name: (built[name][1], (images,)) for name in names}, batch, rounds, repeats)
+    times = interleaved({name: (built[name][1], (images,)) for name in names}, rounds, repeats)
     log(f"in-process timing took {time.perf_counter() - start:.0f} s")
     for name in names:
         rows[name]["network"] = _summary(times[name], batch)
@@ -118,7 +120,7 @@ def speed_pair(backbone, image_size, batch, rounds, repeats, mindir=True, log=pr
             rows[name]["mindir_max_abs_diff"] = max(float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
                                                     for a, b in zip(exported, reference))
             rows[name]["mindir_mb"] = os.path.getsize(base + ".mindir") / 2 ** 20
-        times = interleaved({name: (graphs[name], (images,)) for name in names}, batch, rounds, repeats)
+        times = interleaved({name: (graphs[name], (images,)) for name in names}, rounds, repeats)
         for name in names:
             rows[name]["mindir"] = _summary(times[name], batch)
         for name in names:
@@ -199,7 +201,7 @@ def parse_args(argv):
     parser.add_argument("--flops_models", nargs="+", default=["retinanet_*"],
                         help="shell patterns of the detectors to size")
     parser.add_argument("--flops_size", type=int, nargs=2, default=[800, 1280], metavar=("H", "W"))
-    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default="CPU")
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default="CPU")
     parser.add_argument("--out", help="write the markdown report here (and <out>.json)")
     args = parser.parse_args(argv)
     for name in ("image_size", "batch", "rounds", "repeats"):
@@ -216,7 +218,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import mindspore as ms
     try:
-        set_device(args.device_target)
+        setup_context("graph", args.device_target)
     except RuntimeError:  # called in a process whose runtime already started (e.g. from a test): keep its device
         if ms.get_context("device_target") != args.device_target:
             raise

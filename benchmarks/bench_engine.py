@@ -71,6 +71,7 @@ def engine_run(args, output_dir, repo=ROOT):
 
 
 def parse_args(argv):
+    from engine.config import DEVICE_TARGETS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="ImageFolder root with a train/ split")
     parser.add_argument("--model", default="resnet_tiny")
@@ -84,7 +85,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     parser.add_argument("--log_interval", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device_target", choices=("CPU", "GPU", "Ascend"), default=None)
+    parser.add_argument("--device_target", choices=DEVICE_TARGETS, default=None)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--compare_repo", help="also measure train.py of this checkout (e.g. the code before a change)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -48,9 +48,10 @@ def _child(spec):
     from mindspore import Tensor, nn
 
     from benchmarks.bench_operator import ForwardBackward
-    from benchmarks.common import PeakRSS, current_rss_mib, set_device, summarize, time_calls
+    from benchmarks.common import PeakRSS, current_rss_mib, summarize, time_calls
+    from engine.runtime import setup_context
 
-    set_device(spec["device_target"])
+    setup_context("graph", spec["device_target"])
     rng = np.random.default_rng(0)
     note = ""
     if spec["case"] == "model":

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_models import (ModelSpec, _escape, _fmt, _ms, add_measurement_arguments,  # noqa: E402
-                                     build_model, check_measurement_arguments, expand_specs, find_pairs,
-                                     images_per_second, pair_table, parse_assignments, random_batch, run_worker,
-                                     set_graph_mode, timed, worker_main, write_text)
+from benchmarks.harness import (ModelSpec, add_measurement_arguments, build_spec_model,  # noqa: E402
+                                check_measurement_arguments, escape_cell, expand_specs, find_pairs, format_ms,
+                                format_value, images_per_second, pair_table, random_batch, run_worker,
+                                set_graph_mode, timed, worker_main, write_text)
+from engine.config import parse_assignments  # noqa: E402
 from benchmarks.common import environment, environment_markdown  # noqa: E402
 
 MODES = ("network", "mindir")
@@ -45,15 +46,15 @@ def measure(task):
     timing = (task["warmup"], task["repeats"], task["max_seconds"])
     if task["mode"] == "network":
         from models.profile import count_params
-        model = build_model(ModelSpec(task["model"], task["overrides"]), task["image_size"], task["num_classes"],
+        model = build_spec_model(ModelSpec(task["model"], task["overrides"]), task["image_size"], task["num_classes"],
                             task["in_chans"])
         model.set_train(False)
         result = timed(model, (images,), *timing)
         result["params"] = count_params(model)
         np.save(task["reference"], model(images).asnumpy())
         # export a twin: layers running a device kernel switch to standard operators before a first run
-        from export import make_exportable
-        exportable = build_model(ModelSpec(task["model"], task["overrides"]), task["image_size"],
+        from engine.export import make_exportable
+        exportable = build_spec_model(ModelSpec(task["model"], task["overrides"]), task["image_size"],
                                  task["num_classes"], task["in_chans"])
         ms.load_param_into_net(exportable, model.parameters_dict(), strict_load=True)
         exportable.set_train(False)
@@ -84,16 +85,16 @@ def side_by_side_table(specs, configs, results):
     for spec in specs:
         for batch, size in configs:
             net, graph = results[(spec, batch, size, "network")], results.get((spec, batch, size, "mindir"))
-            cells = [spec.name, _escape(spec.overrides_text) or "—", str(batch), str(size)]
+            cells = [spec.name, escape_cell(spec.overrides_text) or "—", str(batch), str(size)]
             problem = net.get("error") or (graph or {}).get("error")
             if problem:
                 side = "network" if "error" in net else "MINDIR"
-                lines.append("| " + " | ".join(cells + [f"{side} error: {_escape(problem)}"] + [""] * 8) + " |")
+                lines.append("| " + " | ".join(cells + [f"{side} error: {escape_cell(problem)}"] + [""] * 8) + " |")
                 continue
             net_speed, graph_speed = images_per_second(net, batch), images_per_second(graph, batch)
-            cells += [f"{net_speed:.1f}", _ms(net["stats"]), f"{graph_speed:.1f}", _ms(graph["stats"]),
+            cells += [f"{net_speed:.1f}", format_ms(net["stats"]), f"{graph_speed:.1f}", format_ms(graph["stats"]),
                       f"{graph_speed / net_speed:.2f}x", f"{graph['max_abs_diff']:.1e}",
-                      f"{net['peak_rss_mib']:.0f} / {graph['peak_rss_mib']:.0f}", _fmt(net["file_mib"], 1),
+                      f"{net['peak_rss_mib']:.0f} / {graph['peak_rss_mib']:.0f}", format_value(net["file_mib"], 1),
                       str(net.get("kernel_layers_switched", 0))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -119,7 +120,7 @@ def _file_stem(index, spec, batch, size):
 
 def _log(spec, batch, size, mode, result):
     text = result["error"] if "error" in result else (
-        f"{images_per_second(result, batch):.1f} img/s, {_ms(result['stats'])} ms, peak RSS "
+        f"{images_per_second(result, batch):.1f} img/s, {format_ms(result['stats'])} ms, peak RSS "
         f"{result['peak_rss_mib']:.0f} MiB")
     print(f"{spec.label} batch {batch} {size} px {mode}: {text}", file=sys.stderr, flush=True)
 

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from mindspore import nn, ops, ParameterTuple, Tensor  # noqa: E402
 
 from acmix_ms import ACmixLocal, ShiftConv  # noqa: E402
-from benchmarks.common import (PeakRSS, environment, environment_markdown, set_device, summarize,  # noqa: E402
-                               time_calls)
+from benchmarks.common import PeakRSS, environment, environment_markdown, summarize, time_calls  # noqa: E402
+from engine.runtime import setup_context  # noqa: E402
 from models.profile import count_params  # noqa: E402
 
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
@@ -207,7 +207,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch < 1:
         raise ValueError(f"--batch must be a positive integer, got {args.batch}")
-    set_device(args.device_target)
+    setup_context("graph", args.device_target)
     env = environment(args.device_target)  # taken before the run: the load average reflects other users
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.warmup < 1 or args.repeats < 1 or args.max_seconds <= 0:

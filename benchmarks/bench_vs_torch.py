@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_models import run_worker, worker_main  # noqa: E402
+from benchmarks.harness import run_worker, worker_main  # noqa: E402
+from engine.config import DEVICE_TARGETS  # noqa: E402
 from benchmarks.common import PeakRSS, environment, environment_markdown, summarize, time_calls  # noqa: E402
 
 MODES = ("inference", "train")
@@ -70,7 +71,7 @@ def _set_thread_env(threads):
 
 def measure_ours(task):
     import mindspore as ms
-    from benchmarks.bench_models import ModelSpec, build_model, engine_train_step, set_graph_mode
+    from benchmarks.harness import ModelSpec, build_spec_model, engine_train_step, set_graph_mode
     device = set_graph_mode(task.get("device_target"))
     if device == "CPU":
         ms.set_context(runtime_num_threads=task["threads"])
@@ -78,7 +79,7 @@ def measure_ours(task):
     overrides = dict(task["arch"])
     if task["model"].startswith("swin"):
         overrides["drop_path_rate"] = 0.0  # PyTorch's official re-implementation has no stochastic depth
-    model = build_model(ModelSpec(task["model"], overrides), task["image_size"], task["num_classes"])
+    model = build_spec_model(ModelSpec(task["model"], overrides), task["image_size"], task["num_classes"])
     x, y = ms.Tensor(images), ms.Tensor(labels.astype("int32"))
     if task["mode"] == "inference":
         model.set_train(False)
@@ -143,7 +144,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max_seconds", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
-    parser.add_argument("--device_target", default="CPU", choices=("CPU", "GPU", "Ascend"),
+    parser.add_argument("--device_target", default="CPU", choices=DEVICE_TARGETS,
                         help="our backend (PyTorch runs on its CPU build)")
     parser.add_argument("--quick", action="store_true",
                         help="narrow Swin pair at 32 px, batch 2, 1 round, 1 timed call (smoke test)")

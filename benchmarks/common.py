@@ -6,6 +6,7 @@ peak resident set size (VmHWM) during a block, reset before it through /proc/sel
 MindSpore's own allocator statistics are not available for the CPU backend.
 """
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -16,17 +17,16 @@ import time
 import numpy as np
 
 
-def set_device(device_target):
-    """Select the backend ('CPU', 'GPU', 'Ascend') and graph mode."""
-    import mindspore as ms
-    allowed = ("CPU", "GPU", "Ascend")
-    if device_target not in allowed:
-        raise ValueError(f"device_target={device_target!r} is not supported; allowed values: {', '.join(allowed)}")
-    if hasattr(ms, "set_device"):
-        ms.set_device(device_target)
-    else:
-        ms.set_context(device_target=device_target)
-    ms.set_context(mode=ms.GRAPH_MODE)
+def format_value(value, digits=1):
+    """A table cell: ``value`` with ``digits`` decimals, or "—" when it is missing (None or NaN)."""
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def relative_delta(ours, paper):
+    """A table cell: how far ``ours`` is from ``paper``, in percent ("—" when either is missing)."""
+    if ours is None or paper is None:
+        return "—"
+    return f"{100.0 * (ours - paper) / paper:+.1f}%"
 
 
 def _lscpu_model():

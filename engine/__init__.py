@@ -2,6 +2,8 @@
 
 Modules: ``config`` (option schema, YAML + command line), ``data`` (ImageFolder pipelines),
 ``losses``, ``optim`` (optimizers, decay groups, warm-up + cosine), ``step`` (the compiled train step,
-EMA, loss scaling), ``checkpoint`` (atomic files, strict loading), ``metrics``, ``logger``, ``runtime``
-(context, msrun data parallel, model building) and ``trainer`` (the loop).
+EMA, loss scaling), ``checkpoint`` (atomic training-state files and when to write them; reading and loading
+weights is ``models.weights``), ``metrics``, ``logger``, ``runtime`` (context, msrun data parallel, model
+building), ``trainer`` (the loop), ``export`` (MINDIR / ONNX / AIR with a check), ``fashion_mnist`` (the
+demo data set's files) and ``tasks`` (classification, detection, segmentation).
 """

@@ -14,8 +14,12 @@ import difflib
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import yaml
+
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # the one list of MindSpore backends (engine, scripts, benchmarks)
+DEFAULT_LOSS_SCALE = 65536.0  # static loss scale, or the initial dynamic one (option loss_scale_value)
 
 
 class ConfigError(ValueError):
@@ -191,13 +195,13 @@ TRAIN_OPTIONS = (
         "precision",
         ("amp_level", "str", "O0", "mixed precision level", {"choices": ("O0", "O1", "O2", "O3")}),
         ("loss_scale", "str", "none", "loss scaling", {"choices": ("none", "static", "dynamic")}),
-        ("loss_scale_value", "float", 65536.0, "static scale, or the initial dynamic scale"),
+        ("loss_scale_value", "float", DEFAULT_LOSS_SCALE, "static scale, or the initial dynamic scale"),
         ("loss_scale_window", "int", 1000, "dynamic scaling: finite steps before the scale grows"),
     )
     + _options(
         "run",
         ("device_target", "str", None, "null: MindSpore's default device", {"optional": True,
-                                                                            "choices": ("CPU", "GPU", "Ascend")}),
+                                                                            "choices": DEVICE_TARGETS}),
         ("mode", "str", "graph", "execution mode", {"choices": ("graph", "pynative")}),
         ("seed", "int", 42, "random seed (weights, data order, augmentation)"),
         ("distributed", "bool", None, "data parallel; null: on when launched by msrun with >1 workers",
@@ -321,7 +325,34 @@ def parse_overrides(argv):
     return overrides
 
 
-def build_config(options=TRAIN_OPTIONS, file_values=None, overrides=None, file_source="config file"):
+def yaml_mapping(text):
+    """An argparse ``type``: the command-line text read as a YAML mapping (anything else is refused)."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+yaml_mapping.__name__ = "YAML mapping"  # argparse names the type in its error message
+
+
+def parse_assignments(items, what):
+    """``['a=1', 'b=[1,2]']`` -> ``{'a': 1, 'b': [1, 2]}`` (values read as YAML)."""
+    result = {}
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"{what}: expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        result[key.strip()] = value
+    return result
+
+
+def build_config(options: tuple = TRAIN_OPTIONS, file_values: Optional[dict] = None,
+                 overrides: Optional[dict] = None, file_source: str = "config file") -> "Config":
     """Defaults, then ``file_values``, then ``overrides``; every value checked against ``options``."""
     by_name = {opt.name: opt for opt in options}
     values = {opt.name: opt.default for opt in options}
@@ -412,7 +443,7 @@ def help_text(options=TRAIN_OPTIONS, program="train.py"):
     return "\n".join(lines)
 
 
-def load_config(argv, options=TRAIN_OPTIONS, program="train.py"):
+def load_config(argv: list, options: tuple = TRAIN_OPTIONS, program: str = "train.py") -> tuple["Config", bool]:
     """Parse a command line: ``--config`` file, ``--help``, ``--print_config`` and option overrides.
 
     Returns ``(config, print_only)``; ``print_only`` is True when ``--print_config`` was given.

@@ -347,10 +347,6 @@ def _batch_mixing(cfg):
     return mixing
 
 
-def uses_soft_labels(cfg):
-    return cfg.mixup > 0 or cfg.cutmix > 0
-
-
 def train_dataset(cfg, index, num_classes, seed, num_shards=1, shard_id=0, fused=True):
     """Shuffled, augmented, batched training data for one epoch (drop_remainder=True).
 

@@ -1,14 +1,19 @@
 """Process setup shared by train.py, eval.py and export.py: context, device, distributed init, models."""
 import os
 import random
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from .config import DEVICE_TARGETS
+
+if TYPE_CHECKING:
+    from mindspore import nn
+
 MODES = ("graph", "pynative")
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 
 
-def setup_context(mode="graph", device_target=None, seed=None):
+def setup_context(mode: str = "graph", device_target: Optional[str] = None, seed: Optional[int] = None) -> None:
     """Graph or PyNative mode on the chosen device (None: MindSpore's default); seeds every RNG."""
     import mindspore as ms
     if mode not in MODES:
@@ -69,7 +74,8 @@ def model_kwargs(model_overrides=None, drop_path_rate=None, in_chans=3):
     return kwargs
 
 
-def build_model(name, num_classes, kwargs=None, image_size=None):
+def build_model(name: str, num_classes: int, kwargs: Optional[dict] = None,
+                image_size: Optional[int] = None) -> tuple["nn.Cell", dict]:
     """``models.create_model(name, num_classes, **kwargs)``; models that take ``img_size`` (Swin's windows,
     PVT's position embeddings) are built for ``image_size`` unless ``kwargs`` sets it.
 
@@ -105,25 +111,27 @@ def check_input_size(model, name, image_size):
                           f"side (its attention padding and downsampling); use --image_size {smallest} or more")
 
 
+def describe_attention_backends(model):
+    """Which implementation computes each sliding-window ACmix layer of ``model``, e.g.
+    ``'2 layer(s) cpu kernel, 1 layer(s) unfold'`` (a device kernel named as such); '' without such layers."""
+    from acmix_ms.local import attention_backends
+    from acmix_ms.local_attention import PORTABLE_IMPLS
+    return ", ".join(f"{count} layer(s) {backend if backend in PORTABLE_IMPLS else backend + ' kernel'}"
+                     for backend, count in sorted(attention_backends(model).items()))
+
+
 MODEL_OPTIONS = ("model", "num_classes", "in_chans", "model_overrides")
 RUN_OPTIONS = MODEL_OPTIONS + ("image_size", "crop_pct", "interpolation", "mean", "std")
 
 
 def add_run_option_arguments(parser, image_size_help="input height and width"):
     """The ``RUN_OPTIONS`` as command-line arguments of eval.py / export.py (all default to None: not given)."""
-    import yaml
-
-    def mapping(text):
-        value = yaml.safe_load(text)
-        if not isinstance(value, dict):
-            raise ValueError(text)
-        return value
-    mapping.__name__ = "YAML mapping"
+    from .config import yaml_mapping
     group = parser.add_argument_group("model and preprocessing (taken from the checkpoint when it records them)")
     group.add_argument("--model", help="registered model name (a checkpoint's own model cannot be changed)")
     group.add_argument("--num_classes", type=int, help="classifier width")
     group.add_argument("--in_chans", type=int, help="input channels (1 or 3)")
-    group.add_argument("--model_overrides", type=mapping, help="constructor arguments, e.g. '{embed_dim: 16}'")
+    group.add_argument("--model_overrides", type=yaml_mapping, help="constructor arguments, e.g. '{embed_dim: 16}'")
     group.add_argument("--image_size", type=int, help=image_size_help)
     group.add_argument("--crop_pct", type=float, help="resize to image_size / crop_pct, then center crop")
     group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize interpolation")
@@ -205,7 +213,8 @@ def checkpoint_run_config(path, tensors, meta, given=None, config_file=None):
 WEIGHT_CHOICES = ("auto", "raw", "ema")
 
 
-def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
+def model_from_checkpoint(path: str, weights: str = "auto", given: Optional[dict] = None,
+                          config_file: Optional[str] = None) -> tuple:
     """Rebuild the model a checkpoint holds and load its weights (strictly; non-finite values refused); the
     run's image_size is checked against the model's smallest input first.
 
@@ -216,7 +225,7 @@ def model_from_checkpoint(path, weights="auto", given=None, config_file=None):
     Returns:
         (model, run Config, meta, use_ema); ``meta["num_classes"]`` is set.
     """
-    from .checkpoint import read_checkpoint, load_tensors_into
+    from models.weights import read_checkpoint, load_tensors_into
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights={weights!r} is not supported; allowed values: {WEIGHT_CHOICES}")
     tensors, meta = read_checkpoint(path)

@@ -33,7 +33,7 @@ import shutil
 
 import numpy as np
 
-from tools.prepare_fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, FILES, PrepareError, load_split
+from .fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE, FILES, PrepareError, load_split
 
 IGNORE_INDEX = 255
 BACKGROUND = 0

@@ -6,9 +6,13 @@ optimizer update (skipped when the gradients overflowed), EMA update. Loss scali
 ``ms.amp.StaticLossScaler`` / ``DynamicLossScaler`` with ``ms.amp.all_finite``: the loss-scale Cells
 (``TrainOneStepWithLossScaleCell``) need NPU float-status ops that CPU lacks.
 """
+import contextlib
+
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, amp
+
+from .config import DEFAULT_LOSS_SCALE
 
 
 class NetWithLoss(nn.Cell):
@@ -37,7 +41,7 @@ class NoLossScaler:
         return grads_finite
 
 
-def create_loss_scaler(kind, value=65536.0, window=1000):
+def create_loss_scaler(kind, value=DEFAULT_LOSS_SCALE, window=1000):
     """'none' | 'static' | 'dynamic' -> a loss scaler; the ms.amp ones keep their scale in Parameters."""
     if kind == "none":
         return NoLossScaler()
@@ -73,6 +77,20 @@ class EMA:
 
     def named(self):
         return list(zip(self.names, self.params))
+
+    @contextlib.contextmanager
+    def swapped_in(self, named_params):
+        """Within the block the model's Parameters (``named_params``) hold the EMA weights; the trained
+        weights are put back afterwards (also on an exception)."""
+        raw = dict(named_params)
+        originals = [(raw[name], raw[name].asnumpy()) for name in self.names]
+        for name, ema_param in self.named():
+            raw[name].set_data(ms.Tensor(ema_param.asnumpy()))
+        try:
+            yield
+        finally:
+            for param, value in originals:
+                param.set_data(ms.Tensor(value))
 
 
 ERASE_ATTEMPTS = 10

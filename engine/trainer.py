@@ -13,6 +13,7 @@ metrics unless it resumes that run (``--resume auto``) or ``--overwrite`` delete
 NaN or inf (weights, BatchNorm statistics, EMA, optimizer moments) is never written: training stops with
 ``TrainingDiverged`` naming the last checkpoint that was written, which is therefore good.
 """
+import contextlib
 import glob
 import math
 import os
@@ -22,12 +23,12 @@ import time
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data import DataError, find_bad_images, image_checker, steps_per_epoch
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
-from .runtime import (build_model, check_input_size, check_writable_folder, init_distributed, model_kwargs,
-                      setup_context)
+from .runtime import (build_model, check_input_size, check_writable_folder, describe_attention_backends,
+                      init_distributed, model_kwargs, setup_context)
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 EPOCH_PATTERN = "epoch_[0-9][0-9][0-9]*.ckpt"
@@ -67,7 +68,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Builds everything for a config; ``fit()`` trains and returns a summary dict."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         if cfg.model is None:
             raise ConfigError("option 'model' is required (a name from models.list_models())")
         self.cfg = cfg
@@ -108,6 +109,8 @@ class Trainer:
 
         self._build_model()
         self._build_step()
+        self.save_schedule = ckpt.SaveSchedule(cfg.save_every_steps, cfg.save_every_epochs, cfg.epochs,
+                                               cfg.stop_at_step)
         self.epochs_done, self.step_in_epoch, self.best_top1, self.best_epoch = 0, 0, None, None
         self.last_checkpoint, self.last_checkpoint_step = None, None
         resume_path = self._resume_path()
@@ -119,7 +122,8 @@ class Trainer:
         # (global_step, loss) of every step run by this process (with data sinking: of each sunk call's last step)
         self.history = []
         self.skipped_steps = 0  # updates skipped for non-finite gradients (dynamic loss scaling)
-        self.sinking = cfg.data_sink and self.ms.get_context("device_target") in ("Ascend", "GPU")
+        import mindspore as ms
+        self.sinking = cfg.data_sink and ms.get_context("device_target") in ("Ascend", "GPU")
         self._sink_note_logged = False
 
     # ---- construction -------------------------------------------------------------------------------
@@ -171,7 +175,6 @@ class Trainer:
         return find_bad_images(index)
 
     def _build_model(self):
-        import mindspore as ms
         from mindspore import amp
         cfg = self.cfg
         self.model, self.model_kwargs = build_model(
@@ -184,14 +187,13 @@ class Trainer:
         self.named_params = list(self.model.parameters_and_names())
         self.network = amp.auto_mixed_precision(self.model, cfg.amp_level) if cfg.amp_level != "O0" else self.model
         self.param_count = sum(int(np.prod(p.shape)) for _, p in self.named_params if p.requires_grad)
-        self.ms = ms
 
     def _build_step(self):
         from mindspore import nn
         from .optim import create_optimizer, optimizer_state
         from .step import EMA, BatchRandomErasing, MonitoredStep, TrainStep, create_loss_scaler, loss_scaler_state
         cfg = self.cfg
-        self.optimizer, self.schedule, self.optim_info = create_optimizer(
+        self.optimizer, _, self.optim_info = create_optimizer(
             cfg, self.model, self.named_params, self.steps_per_epoch, self.global_batch)
         self.optimizer_state = optimizer_state(self.optimizer, {id(p) for _, p in self.named_params})
         self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay else None
@@ -334,39 +336,27 @@ class Trainer:
         if self.val_index is None:
             return None
         use_ema = self.ema is not None and self.cfg.eval_ema
-        if use_ema:  # evaluate the EMA weights in the same network, then put the trained weights back
-            raw = dict(self.named_params)
-            originals = [(raw[name], raw[name].asnumpy()) for name in self.ema.names]
-            for name, ema_param in self.ema.named():
-                raw[name].set_data(self.ms.Tensor(ema_param.asnumpy()))
-        self.network.set_train(False)
-        try:
-            if getattr(self.task, "SHARDED_VALIDATION", False):
-                result = self.task.validate(self.network, self.cfg, self.val_index, self.num_classes,
-                                            num_shards=self.group_size, shard_id=self.rank,
-                                            sum_counts=self.sync.sum if self.sync is not None else None,
-                                            report=self.log.info)
-            else:
-                result = self.task.validate(self.network, self.cfg, self.val_index, self.num_classes)
-        finally:
-            self.network.set_train(True)
-            if use_ema:
-                for param, value in originals:
-                    param.set_data(self.ms.Tensor(value))
-        return result
+        # the EMA weights are evaluated in the same network, then the trained weights are put back
+        with self.ema.swapped_in(self.named_params) if use_ema else contextlib.nullcontext():
+            self.network.set_train(False)
+            try:
+                if getattr(self.task, "SHARDED_VALIDATION", False):
+                    return self.task.validate(self.network, self.cfg, self.val_index, self.num_classes,
+                                              num_shards=self.group_size, shard_id=self.rank,
+                                              sum_counts=self.sync.sum if self.sync is not None else None,
+                                              report=self.log.info)
+                return self.task.validate(self.network, self.cfg, self.val_index, self.num_classes)
+            finally:
+                self.network.set_train(True)
 
     # ---- training -----------------------------------------------------------------------------------
     def _log_setup(self):
         cfg, info = self.cfg, self.optim_info
         self.log.info(f"model {cfg.model}: {self.param_count / 1e6:.3f} M trainable parameters, "
                       f"{self.num_classes} classes; amp {cfg.amp_level}, loss scale {cfg.loss_scale}")
-        from acmix_ms.local import attention_backends
-        from acmix_ms.local_attention import PORTABLE_IMPLS
-        backends = attention_backends(self.model)
+        backends = describe_attention_backends(self.model)
         if backends:  # which implementation computes the sliding-window attention (speed and memory differ a lot)
-            self.log.info("sliding-window attention: " + ", ".join(
-                f"{count} layer(s) {backend if backend in PORTABLE_IMPLS else backend + ' kernel'}"
-                for backend, count in sorted(backends.items())))
+            self.log.info("sliding-window attention: " + backends)
         self.log.info(f"data {cfg.data_dir}: {len(self.train_index)} train / "
                       f"{len(self.val_index) if self.val_index else 0} val images; {self.group_size} device(s) x "
                       f"batch {cfg.batch_size}; {self.steps_per_epoch} steps/epoch, {self.total_steps} steps")
@@ -435,14 +425,15 @@ class Trainer:
         """A callable that runs ``size`` training steps and returns the last step's loss (a device tensor):
         one sunk call through ``ms.data_sink`` on Ascend/GPU, the next batch from the host iterator on CPU."""
         if self.sinking:
-            return self.ms.data_sink(self.monitored, dataset, sink_size=size, jit_config=self.ms.JitConfig())
+            import mindspore as ms
+            return ms.data_sink(self.monitored, dataset, sink_size=size, jit_config=ms.JitConfig())
         iterator = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
 
         def run():
             return self.monitored(*next(iterator))  # images, labels (, random-erasing draws)
         return run
 
-    def fit(self):
+    def fit(self) -> dict:
         """Train from the current state to ``cfg.epochs`` (or ``stop_at_step``). Returns a summary dict.
 
         The host does not wait for the device per step: losses, lr and the non-finite flags stay on the device
@@ -464,83 +455,14 @@ class Trainer:
         stopped_early = False
         self.network.set_train(True)
         while self.epochs_done < cfg.epochs:
-            epoch = self.epochs_done
             epoch_start = time.time()
-            self._epoch_sum, self._epoch_steps = 0.0, 0
-            dataset = self.task.train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch,
-                                              self.group_size, self.rank)
-            if self.step_in_epoch:
-                dataset = dataset.skip(self.step_in_epoch)
-            size = self._effective_sink_size(self.step_in_epoch)
-            run = self._steps_runner(dataset, size)
-            progress.start_epoch()
-            first_call = True
-            while self.step_in_epoch < self.steps_per_epoch:
-                try:
-                    loss = run()
-                except StopIteration:
-                    raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
-                                    f"{self.steps_per_epoch}") from None
-                self.step_in_epoch += size
-                self._host_step += size
-                step = self._host_step
-                self._pending.append((step, loss))
-                log_due = self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch
-                if first_call or log_due:  # the first wait of an epoch starts its timing
-                    self._read_window(progress)
-                    first_call = False
-                if log_due:
-                    record, text = progress.line(epoch, self.step_in_epoch, self._log_sum / max(self._log_steps, 1),
-                                                 self._lr)
-                    self._log_sum, self._log_steps = 0.0, 0
-                    self.log.info(text)
-                    self.metrics.write(record)
-                if self.step_in_epoch == self.steps_per_epoch:
-                    break
-                if cfg.stop_at_step and step >= cfg.stop_at_step:
-                    stopped_early = True
-                    break
-                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    self._save_last(f"every {cfg.save_every_steps} steps", progress)
-            if stopped_early:
+            if self._run_epoch(progress):
+                stopped_early = True
                 self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
                 break
-            self.epochs_done += 1
-            self.step_in_epoch = 0
-            if self.sync is not None:  # norm statistics were computed on each rank's own shard
-                self.sync.average([param for _, param in self.named_params if not param.requires_grad])
-                if self.ema is not None:
-                    self.sync.average(list(self.ema.params))
-            record = {"type": "epoch", "epoch": self.epochs_done, "global_step": self.global_step(),
-                      "train_loss": self._epoch_sum / self._epoch_steps if self._epoch_steps else None,
-                      "lr": self._lr,
-                      "epoch_time_s": time.time() - epoch_start}
-            last_epoch = self.epochs_done == cfg.epochs
-            self._check_state_finite()
-            if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
-                last_val = self.validate()
-                record.update(self.task.record(last_val))
-                score = last_val[self.task.PRIMARY_METRIC]  # best_top1 holds the task's primary metric
-                improved = self.best_top1 is None or score > self.best_top1
-                if improved:
-                    self.best_top1, self.best_epoch = score, self.epochs_done
-                self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} {self.task.describe(last_val)} (best "
-                              f"{self.task.PRIMARY_METRIC} {self.best_top1:.2f} at epoch {self.best_epoch}); "
-                              f"epoch time {format_duration(record['epoch_time_s'])}")
-                if improved:
-                    self._save(BEST)
-            record["best_top1"] = self.best_top1
-            self.metrics.write(record)
-            step_due = cfg.save_every_steps and self.global_step() % cfg.save_every_steps == 0
-            if self.epochs_done % cfg.save_every_epochs == 0 or last_epoch or step_due:
-                self._save_last(f"epoch {self.epochs_done}", progress)
-            if cfg.plot and self.writer:
-                plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
-                            self.log if self.epochs_done == 1 else None)
-            if cfg.stop_at_step and self.global_step() >= cfg.stop_at_step and not last_epoch:
-                stopped_early = True
-                if not (self.epochs_done % cfg.save_every_epochs == 0 or step_due):
-                    self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
+            val, stopped_early = self._end_epoch(epoch_start, progress)
+            last_val = val if val is not None else last_val
+            if stopped_early:
                 break
         elapsed = time.time() - start
         self.log.info(f"finished at step {self.global_step()} in {format_duration(elapsed)}"
@@ -553,8 +475,92 @@ class Trainer:
                 "images_per_s": progress.images_per_second(), "stopped_early": stopped_early,
                 "skipped_steps": self.skipped_steps}
 
+    def _run_epoch(self, progress):
+        """The training steps of the current epoch, from ``step_in_epoch`` on: log lines, step checkpoints.
+        Returns True when ``stop_at_step`` ended it early (the caller saves), False at the epoch's end."""
+        cfg, epoch = self.cfg, self.epochs_done
+        self._epoch_sum, self._epoch_steps = 0.0, 0
+        dataset = self.task.train_dataset(cfg, self.train_index, self.num_classes, cfg.seed + epoch,
+                                          self.group_size, self.rank)
+        if self.step_in_epoch:
+            dataset = dataset.skip(self.step_in_epoch)
+        size = self._effective_sink_size(self.step_in_epoch)
+        run = self._steps_runner(dataset, size)
+        progress.start_epoch()
+        first_call = True
+        while self.step_in_epoch < self.steps_per_epoch:
+            try:
+                loss = run()
+            except StopIteration:
+                raise DataError(f"epoch {epoch + 1} yielded {self.step_in_epoch} batches, expected "
+                                f"{self.steps_per_epoch}") from None
+            self.step_in_epoch += size
+            self._host_step += size
+            step = self._host_step
+            self._pending.append((step, loss))
+            log_due = self.step_in_epoch % cfg.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch
+            if first_call or log_due:  # the first wait of an epoch starts its timing
+                self._read_window(progress)
+                first_call = False
+            if log_due:
+                record, text = progress.line(epoch, self.step_in_epoch, self._log_sum / max(self._log_steps, 1),
+                                             self._lr)
+                self._log_sum, self._log_steps = 0.0, 0
+                self.log.info(text)
+                self.metrics.write(record)
+            if self.step_in_epoch == self.steps_per_epoch:
+                break
+            if self.save_schedule.stops(step):
+                return True
+            if self.save_schedule.step_due(step):
+                self._save_last(f"every {cfg.save_every_steps} steps", progress)
+        return False
 
-def train(cfg):
+    def _end_epoch(self, epoch_start, progress):
+        """After an epoch's last step: norm statistics across ranks, the state check, validation, the epoch
+        record, checkpoints and the curves. Returns (validation result or None, stopped by stop_at_step)."""
+        cfg = self.cfg
+        self.epochs_done += 1
+        self.step_in_epoch = 0
+        if self.sync is not None:  # norm statistics were computed on each rank's own shard
+            self.sync.average([param for _, param in self.named_params if not param.requires_grad])
+            if self.ema is not None:
+                self.sync.average(list(self.ema.params))
+        record = {"type": "epoch", "epoch": self.epochs_done, "global_step": self.global_step(),
+                  "train_loss": self._epoch_sum / self._epoch_steps if self._epoch_steps else None,
+                  "lr": self._lr,
+                  "epoch_time_s": time.time() - epoch_start}
+        last_epoch = self.epochs_done == cfg.epochs
+        self._check_state_finite()
+        val = None
+        if self.val_index is not None and (self.epochs_done % cfg.val_every_epochs == 0 or last_epoch):
+            val = self.validate()
+            record.update(self.task.record(val))
+            score = val[self.task.PRIMARY_METRIC]  # best_top1 holds the task's primary metric
+            improved = self.best_top1 is None or score > self.best_top1
+            if improved:
+                self.best_top1, self.best_epoch = score, self.epochs_done
+            self.log.info(f"epoch {self.epochs_done}/{cfg.epochs} {self.task.describe(val)} (best "
+                          f"{self.task.PRIMARY_METRIC} {self.best_top1:.2f} at epoch {self.best_epoch}); "
+                          f"epoch time {format_duration(record['epoch_time_s'])}")
+            if improved:
+                self._save(BEST)
+        record["best_top1"] = self.best_top1
+        self.metrics.write(record)
+        saved = self.save_schedule.epoch_due(self.epochs_done, self.global_step())
+        if saved:
+            self._save_last(f"epoch {self.epochs_done}", progress)
+        if cfg.plot and self.writer:
+            plot_curves(os.path.join(self.output_dir, METRICS_FILE), os.path.join(self.output_dir, PLOT_FILE),
+                        self.log if self.epochs_done == 1 else None)
+        if self.save_schedule.stops(self.global_step()) and not last_epoch:
+            if not saved:
+                self._save_last(f"stop_at_step {cfg.stop_at_step}", progress)
+            return val, True
+        return val, False
+
+
+def train(cfg: Config) -> tuple["Trainer", dict]:
     """Train a config; returns ``(trainer, summary)``."""
     trainer = Trainer(cfg)
     return trainer, trainer.fit()

@@ -34,6 +34,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def parse_args(argv):
+    from engine.config import DEVICE_TARGETS
     parser = argparse.ArgumentParser(description="Drop ACmix into a small ResNet-style backbone, train, export.")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the converted network")
     parser.add_argument("--pretrain_steps", type=int, default=0,
@@ -52,7 +53,7 @@ def parse_args(argv):
     parser.add_argument("--data", default="auto", choices=("auto", "fashion-mnist", "generated"))
     parser.add_argument("--log_interval", type=int, default=20)
     parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
+    parser.add_argument("--device_target", default=None, choices=DEVICE_TARGETS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "width", "num_heads", "kernel_att", "val_size", "log_interval"):
@@ -115,7 +116,7 @@ def load_data(choice, val_size, seed):
     """(train images, train labels, val images, val labels, source): float32 (N, 1, 28, 28) in [0, 1]-ish."""
     have_files = os.path.isfile(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz"))
     if choice == "fashion-mnist" or (choice == "auto" and have_files):
-        from tools.prepare_fashion_mnist import load_split
+        from engine.fashion_mnist import load_split
         train_x, train_y = load_split(os.path.join(FASHION_MNIST, "train-images-idx3-ubyte.gz"),
                                       os.path.join(FASHION_MNIST, "train-labels-idx1-ubyte.gz"))
         val_x, val_y = load_split(os.path.join(FASHION_MNIST, "t10k-images-idx3-ubyte.gz"),
@@ -198,9 +199,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import mindspore as ms
     import acmix_ms
-    ms.set_context(mode=ms.GRAPH_MODE)
-    if args.device_target:
-        ms.set_context(device_target=args.device_target)
+    from engine.runtime import setup_context
+    setup_context("graph", args.device_target)
     ms.set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "train_log.jsonl")

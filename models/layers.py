@@ -6,9 +6,11 @@
   ops elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
-- ``build_model``: calls a model class with its registered defaults plus user overrides, rejecting
-  unknown overrides with a message that lists the valid ones.
-- ``to_2tuple``, ``check_stage_lists``, ``check_out_indices``: argument normalisation and checks.
+- ``build_model_with_cfg``: the one builder of every family: a model class called with its registered
+  options plus user overrides, rejecting unknown overrides with a message that lists the valid ones.
+- ``StagedBackbone``: the stage loop and model API (``forward_features``, ``forward_head``, ``out_indices``)
+  of every family; ``PatchEmbed``: the patch embedding of Swin and PVT.
+- ``to_2tuple``, ``check_num_classes``, ``check_stage_lists``, ``check_out_indices``: argument checks.
 """
 import inspect
 import warnings
@@ -17,6 +19,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
+
+from acmix_ms.constants import INIT_STD
+from acmix_ms.spatial import zero_pad
+from acmix_ms.validation import check_positive_int
 
 
 def to_2tuple(value, name="value"):
@@ -35,23 +41,40 @@ def drop_path_rates(drop_path_rate, num_blocks):
     return [float(r) for r in np.linspace(0.0, drop_path_rate, num_blocks)]
 
 
+def check_block_counts(layers, num_stages):
+    """``layers``: one positive block count per stage (ResNet, SAN); returns them as a tuple."""
+    layers = tuple(layers)
+    if len(layers) != num_stages:
+        raise ValueError(f"layers must give {num_stages} block counts, got {layers!r}")
+    for count in layers:
+        check_positive_int("layers[i]", count)
+    return layers
+
+
 def check_num_classes(num_classes):
+    """``num_classes``: a non-negative int (0 builds no classifier); the one check of every family."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer (0: no classifier), got {num_classes!r}")
     return num_classes
 
 
 class StagedBackbone(nn.Cell):
-    """Base of convolutional backbones (ResNet, SAN): subclasses compute their stage maps in ``_stages(x)``
-    and set ``fc`` and ``out_indices``; this class gives the shared model API.
+    """Base of every family (ResNet, SAN, Swin, PVT): subclasses compute the outputs of all their stages in
+    ``_stages(x)`` and set ``out_indices``; this class gives the shared model API.
 
-    ``forward_features``: (B, in_chans, H, W) -> last stage map (B, num_features, h, w).
-    ``forward_head``: (B, num_features, h, w) -> (B, num_classes) logits ((B, num_features) if fc is Identity).
-    ``construct``: logits, or with ``out_indices`` the tuple of the selected stage maps.
+    ``forward_features``: (B, in_chans, H, W) -> the last stage's features (ResNet, SAN: the last stage map
+    (B, num_features, h, w); Swin and PVT override it: Swin's map after the final norm, PVT's normed tokens).
+    ``forward_head``: (B, num_features, h, w) -> (B, num_classes) logits ((B, num_features) if fc is Identity);
+    the transformers override it (their classifier is ``head``).
+    ``construct``: logits, or with ``out_indices`` the tuple of the selected stages as NCHW maps
+    (``_stage_map`` turns a stage output into one; the identity for the convolutional families).
     """
 
     def _stages(self, x):
         raise NotImplementedError
+
+    def _stage_map(self, output):
+        return output
 
     def forward_features(self, x):
         return self._stages(x)[-1]
@@ -65,8 +88,41 @@ class StagedBackbone(nn.Cell):
         stages = self._stages(x)
         selected = ()
         for index in self.out_indices:
-            selected = selected + (stages[index],)
+            selected = selected + (self._stage_map(stages[index]),)
         return selected
+
+
+def pad_bottom_right(x, pad_h, pad_w, channels_last):
+    """Zero-pad the spatial axes of a (B, H, W, C) or (B, C, H, W) map at the bottom and right."""
+    if pad_h == 0 and pad_w == 0:
+        return x
+    if channels_last:
+        return zero_pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return zero_pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
+
+
+class PatchEmbed(nn.Cell):
+    """Non-overlapping patch embedding of Swin and PVT: Conv(p x p, stride p, bias) + LayerNorm (eps
+    ``norm_eps``; none without ``patch_norm``). Parameters ``proj``, ``norm`` as in the official checkpoints.
+
+    pad: True (Swin) pads the input bottom/right to multiples of p; False (PVT, as its official strided
+    convolution) drops the remainder.
+    Inputs: (B, Cin, H, W). Outputs: (B, ceil(H/p), ceil(W/p), C) with ``pad``, else (B, H // p, W // p, C).
+    """
+
+    def __init__(self, patch_size=4, in_chans=3, embed_dim=96, norm_eps=1e-5, patch_norm=True, pad=True):
+        super().__init__()
+        self.patch_size = check_positive_int("patch_size", patch_size)
+        self.pad = bool(pad)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, pad_mode="valid", has_bias=True)
+        self.norm = layer_norm(embed_dim, norm_eps) if patch_norm else nn.Identity()
+
+    def construct(self, x):
+        if self.pad:
+            _, _, height, width = x.shape
+            p = self.patch_size
+            x = pad_bottom_right(x, (p - height % p) % p, (p - width % p) % p, channels_last=False)
+        return self.norm(self.proj(x).transpose(0, 2, 3, 1))
 
 
 class DropPath(nn.Cell):
@@ -168,12 +224,12 @@ class Mlp(nn.Cell):
         return self.drop(self.fc2(x))
 
 
-def trunc_normal_(parameter, std=0.02):
+def trunc_normal_(parameter, std=INIT_STD):
     """Fill ``parameter`` in place with N(0, std^2) truncated to [-2, 2] (timm's ``trunc_normal_``)."""
     parameter.set_data(initializer(TruncatedNormal(sigma=std), parameter.shape, parameter.dtype))
 
 
-def init_transformer_weights(network, std=0.02):
+def init_transformer_weights(network, std=INIT_STD):
     """The initialisation of Swin and PVT (timm ``_init_weights``): every ``nn.Dense`` weight from a
     truncated normal with ``std``, its bias zero; every ``nn.LayerNorm`` gamma 1, beta 0.
 
@@ -212,15 +268,41 @@ def check_out_indices(out_indices, num_stages):
     return indices
 
 
-def build_model(model_class, defaults, overrides):
-    """``model_class(**defaults, **overrides)``, raising ``TypeError`` that names any override the class
-    does not accept (and lists those it does) instead of Python's terser message."""
-    accepted = [name for name in inspect.signature(model_class.__init__).parameters if name != "self"]
-    unknown = sorted(set(overrides) - set(accepted))
+def class_options(model_class, **values):
+    """Every keyword of ``model_class.__init__`` with its default, updated by ``values`` (the options of a
+    family whose user-settable options are exactly its constructor's keywords: Swin, PVT, the dense heads)."""
+    parameters = inspect.signature(model_class.__init__).parameters
+    options = {name: p.default for name, p in parameters.items() if name != "self" and p.default is not p.empty}
+    return {**options, **values}
+
+
+def build_model_with_cfg(model_class, name, options, overrides, groups=None, fixed=None):
+    """The one builder of every family (as timm's ``build_model_with_cfg``).
+
+    Args:
+        model_class: the network class.
+        name: the registered model name (named in errors).
+        options: {option: registered value}: every option a user may override by name.
+        overrides: the user's keyword arguments.
+        groups: {keyword: {option: registered value}}: options the class takes together as one dict keyword
+            (ResNet's ``acmix``, SAN's ``sam_options``); the user overrides them by their own names.
+        fixed: keywords passed as they are and not overridable (e.g. a baseline's attention-only mode).
+    Returns:
+        ``model_class(**options, **groups, **fixed)`` after the overrides.
+    Raises:
+        TypeError naming every unknown override and listing the valid options (not Python's terser message).
+    """
+    options = dict(options)
+    groups = {keyword: dict(values) for keyword, values in (groups or {}).items()}
+    valid = set(options).union(*groups.values())
+    unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise TypeError(f"{model_class.__name__} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"valid options: {', '.join(accepted)}")
-    return model_class(**{**defaults, **overrides})
+        raise TypeError(f"{name}() got unknown option(s) {', '.join(map(repr, unknown))}; "
+                        f"valid options: {', '.join(sorted(valid))}")
+    for key, value in overrides.items():
+        target = next((values for values in groups.values() if key in values), options)
+        target[key] = value
+    return model_class(**options, **groups, **(fixed or {}))
 
 
 class LayerNorm(nn.LayerNorm):

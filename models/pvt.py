@@ -21,25 +21,15 @@ from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, TruncatedNormal
 
 from acmix_ms import ACmixGlobal
+from acmix_ms.constants import INIT_STD
 from acmix_ms.validation import check_positive_int
-from .layers import (DropPath, Mlp, build_model, check_out_indices, check_stage_lists, drop_path_rates,
-                     init_transformer_weights, layer_norm, to_2tuple)
+from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
+                     check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
+                     layer_norm, to_2tuple)
 from .registry import register_model
 
 NUM_STAGES = 4
 TORCH_LN_EPS = 1e-5  # LayerNorms the official code builds without its eps=1e-6 norm_layer
-
-
-class PatchEmbed(nn.Cell):
-    """Conv(p x p, stride p) + LayerNorm. Inputs: (B, Cin, H, W). Outputs: (B, H // p, W // p, C)."""
-
-    def __init__(self, patch_size, in_chans, embed_dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, pad_mode="valid", has_bias=True)
-        self.norm = layer_norm(embed_dim, TORCH_LN_EPS)
-
-    def construct(self, x):
-        return self.norm(self.proj(x).transpose(0, 2, 3, 1))
 
 
 class PVTBlock(nn.Cell):
@@ -63,7 +53,7 @@ class PVTBlock(nn.Cell):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PyramidVisionTransformer(nn.Cell):
+class PyramidVisionTransformer(StagedBackbone):
     """PVT v1 with ACmixGlobal attention.
 
     Args:
@@ -87,8 +77,7 @@ class PyramidVisionTransformer(nn.Cell):
                  out_indices=None):
         super().__init__()
         check_positive_int("patch_size", patch_size)
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_num_classes(num_classes)
         embed_dims, num_heads, mlp_ratios, sr_ratios, depths = check_stage_lists(
             NUM_STAGES, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, sr_ratios=sr_ratios,
             depths=depths)
@@ -116,8 +105,8 @@ class PyramidVisionTransformer(nn.Cell):
             prefix = 1 if i == NUM_STAGES - 1 else 0
             first = sum(depths[:i])
             setattr(self, f"patch_embed{i + 1}", PatchEmbed(patch, in_chans if i == 0 else embed_dims[i - 1],
-                                                            embed_dims[i]))
-            pos = initializer(TruncatedNormal(0.02), (1, prefix + height * width, embed_dims[i]))
+                                                            embed_dims[i], TORCH_LN_EPS, pad=False))
+            pos = initializer(TruncatedNormal(INIT_STD), (1, prefix + height * width, embed_dims[i]))
             setattr(self, f"pos_embed{i + 1}", Parameter(pos, name=f"pos_embed{i + 1}"))
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity())
             setattr(self, f"block{i + 1}", nn.CellList([
@@ -129,7 +118,7 @@ class PyramidVisionTransformer(nn.Cell):
                                       "reduction": stride})
         self.pos_grids = tuple(self.pos_grids)
         self.norm = layer_norm(self.num_features, norm_eps)
-        self.cls_token = Parameter(initializer(TruncatedNormal(0.02), (1, 1, self.num_features)), name="cls_token")
+        self.cls_token = Parameter(initializer(TruncatedNormal(INIT_STD), (1, 1, self.num_features)), name="cls_token")
         self.head = nn.Dense(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_transformer_weights(self)
 
@@ -169,7 +158,7 @@ class PyramidVisionTransformer(nn.Cell):
         batch, _, channels = tokens.shape
         return tokens.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)
 
-    def _all_stages(self, x):
+    def _stages(self, x):
         """Token outputs of the four stages, as ((tokens, H, W), ...)."""
         out1 = self._stage(x, 0, self.patch_embed1, self.pos_embed1, self.pos_drop1, self.block1)
         out2 = self._stage(self._to_map(*out1), 1, self.patch_embed2, self.pos_embed2, self.pos_drop2, self.block2)
@@ -177,28 +166,19 @@ class PyramidVisionTransformer(nn.Cell):
         out4 = self._stage(self._to_map(*out3), 3, self.patch_embed4, self.pos_embed4, self.pos_drop4, self.block4)
         return out1, out2, out3, out4
 
-    def forward_stages(self, x):
-        """Tuple of the NCHW stage outputs in ``out_indices`` (stage 4 without its cls token)."""
-        outs = self._all_stages(x)
-        features = ()
-        for i in self.out_indices:
-            tokens, height, width = outs[i]
-            features = features + (self._to_map(tokens[:, tokens.shape[1] - height * width:], height, width),)
-        return features
+    def _stage_map(self, output):
+        """A stage's (tokens, H, W) -> its NCHW map (stage 4 without its cls token)."""
+        tokens, height, width = output
+        return self._to_map(tokens[:, tokens.shape[1] - height * width:], height, width)
 
     def forward_features(self, x):
         """(B, Cin, H, W) -> normed stage-4 tokens (B, 1 + H4*W4, C4), cls token first."""
-        tokens, _, _ = self._all_stages(x)[-1]
+        tokens, _, _ = self._stages(x)[-1]
         return self.norm(tokens)
 
     def forward_head(self, x):
         """Tokens (B, L, C) -> the cls token (x[:, 0]) -> head -> (B, num_classes) ((B, C) if no head)."""
         return self.head(x[:, 0])
-
-    def construct(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.forward_head(self.forward_features(x))
 
 
 _TINY = dict(depths=(2, 2, 2, 2))
@@ -208,8 +188,9 @@ _LARGE = dict(depths=(3, 8, 27, 3))
 
 
 def _pvt(config, num_classes, in_chans, overrides, rate_mode):
-    return build_model(PyramidVisionTransformer,
-                       dict(config, num_classes=num_classes, in_chans=in_chans, rate_mode=rate_mode), overrides)
+    options = class_options(PyramidVisionTransformer, **config, num_classes=num_classes, in_chans=in_chans,
+                            rate_mode=rate_mode)
+    return build_model_with_cfg(PyramidVisionTransformer, PyramidVisionTransformer.__name__, options, overrides)
 
 
 @register_model(paper={"params_m": 13, "gmacs": 1.9, "top1": 75.1})

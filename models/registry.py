@@ -5,13 +5,17 @@ Every model family file decorates its public constructors with ``@register_model
 """
 import difflib
 import fnmatch
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from mindspore import nn
 
 _MODELS = {}
 _PAPER_INFO = {}
 _TASKS = {}
 
 
-def register_model(fn=None, *, paper=None, task="classification"):
+def register_model(fn: Optional[Callable] = None, *, paper: Optional[dict] = None, task: str = "classification"):
     """Register a model constructor under its function name.
 
     Args:
@@ -34,22 +38,22 @@ def register_model(fn=None, *, paper=None, task="classification"):
     return _register(fn)
 
 
-def list_models(pattern="*"):
+def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of the registered models that match a shell-style ``pattern``."""
     return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
 
 
-def is_model(name):
+def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def paper_info(name):
+def paper_info(name: str) -> dict:
     """The paper's figures recorded for ``name`` at registration (may be empty)."""
     _check_name(name)
     return dict(_PAPER_INFO[name])
 
 
-def model_task(name):
+def model_task(name: str) -> str:
     """The task ``name`` was registered for ('classification', 'detection', ...)."""
     _check_name(name)
     return _TASKS[name]
@@ -63,7 +67,8 @@ def _check_name(name):
             f"unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}")
 
 
-def create_model(name, num_classes=1000, checkpoint=None, strict=True, **overrides):
+def create_model(name: str, num_classes: int = 1000, checkpoint: Optional[str] = None, strict: bool = True,
+                 **overrides: Any) -> "nn.Cell":
     """Build a registered model.
 
     Args:
@@ -77,6 +82,6 @@ def create_model(name, num_classes=1000, checkpoint=None, strict=True, **overrid
     _check_name(name)
     model = _MODELS[name](num_classes=num_classes, **overrides)
     if checkpoint is not None:
-        from engine.checkpoint import load_checkpoint_into  # local import: engine is optional here
+        from .weights import load_checkpoint_into
         load_checkpoint_into(model, checkpoint, strict=strict)
     return model

@@ -15,7 +15,7 @@ ResNet-ACmix replaces EVERY Bottleneck's ``conv2`` (layer1 included) by
 Initialisation: Kaiming normal (fan_out, ReLU) for every ``nn.Conv2d`` (also the ACmix ``qkv``, ``conv_p``
 and ``fc``), BatchNorm gamma 1 / beta 0. The ACmix group conv ``dep_conv`` keeps its shift-kernel init
 (``shift_impl='learnable'``, the paper's default). The official code re-initialises ``dep_conv`` too,
-because its init loop catches every ``nn.Conv2d`` (quirk 1 of the reference notes, official-acmix.md: the
+because its init loop catches every ``nn.Conv2d`` (docs/operator.md, "Shift init kept in ResNet-ACmix": the
 released ResNet models are the "random init" row of Table 7); ``official_init=True`` reproduces that re-init.
 """
 from mindspore import nn
@@ -25,7 +25,8 @@ from acmix_ms import ACmixLocal, ShiftConv
 from acmix_ms.spatial import out_size
 from acmix_ms.validation import check_choice, check_positive_int
 
-from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
+                     check_out_indices, drop_path_rates)
 from .registry import register_model
 
 __all__ = ["ResNet", "Bottleneck"]
@@ -111,11 +112,7 @@ class ResNet(StagedBackbone):
     def __init__(self, layers, num_classes=1000, in_chans=3, base_width=64, stem="imagenet", acmix=None,
                  drop_path_rate=0.0, official_init=False, out_indices=None):
         super().__init__()
-        layers = tuple(layers)
-        if len(layers) != NUM_STAGES:
-            raise ValueError(f"layers must give {NUM_STAGES} block counts, got {layers!r}")
-        for count in layers:
-            check_positive_int("layers[i]", count)
+        layers = check_block_counts(layers, NUM_STAGES)
         check_num_classes(num_classes)
         check_positive_int("in_chans", in_chans)
         check_positive_int("base_width", base_width)
@@ -217,18 +214,16 @@ def _min_input_size(layers, stem, acmix):
 
 
 def _create_resnet(name, num_classes, in_chans, overrides, use_acmix, **defaults):
-    """Merge a registered configuration with user overrides; unknown keywords raise TypeError."""
-    structure = {**STRUCTURE_DEFAULTS, **{k: v for k, v in defaults.items() if k in STRUCTURE_DEFAULTS}}
-    acmix = {**ACMIX_DEFAULTS, **{k: v for k, v in defaults.items() if k in ACMIX_DEFAULTS}} if use_acmix else {}
-    unknown = sorted(set(overrides) - set(structure) - set(acmix))
-    if unknown:
-        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(set(structure) | set(acmix)))}")
-    for key, value in overrides.items():
-        (structure if key in structure else acmix)[key] = value
-    official_init = acmix.pop("official_init", False)
-    return ResNet(num_classes=num_classes, in_chans=in_chans, acmix=acmix if use_acmix else None,
-                  official_init=official_init, **structure)
+    """A registered configuration with user overrides (``build_model_with_cfg``): the structure options,
+    and for ResNet-ACmix the ``ACmixLocal`` options (gathered into ``acmix``) and ``official_init``."""
+    options = {**STRUCTURE_DEFAULTS, **{k: v for k, v in defaults.items() if k in STRUCTURE_DEFAULTS},
+               "num_classes": num_classes, "in_chans": in_chans}
+    groups = None
+    if use_acmix:
+        acmix = {**ACMIX_DEFAULTS, **{k: v for k, v in defaults.items() if k in ACMIX_DEFAULTS}}
+        options["official_init"] = acmix.pop("official_init")
+        groups = {"acmix": acmix}
+    return build_model_with_cfg(ResNet, name, options, overrides, groups)
 
 
 @register_model(paper={"params_m": 13.7, "gmacs": 2.4, "top1": 73.6})

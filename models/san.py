@@ -13,7 +13,8 @@ Layout (hszhao/SAN ``model/san.py``, patchwise ``sa_type=1``; attribute names ke
 The baselines ``san10/15/19`` use ``rate_mode='attention'``: exactly SAN's patchwise SAM, no conv-path
 parameters. ``san*_acmix`` add the ACmix conv path (fc over the q, k and 4 value groups of width C/16,
 shift group conv to C/4 channels, learnable rates); SAN-ACmix code was never released, so this follows the
-proposal of the reference notes (official-acmix.md, section 3) and its parameter counts are that proposal's, not the paper's.
+proposal described in docs/operator.md ("PVT / SAN") and its parameter counts are that proposal's, not the
+paper's.
 
 Initialisation: MindSpore's defaults, which equal PyTorch's defaults that SAN uses (no explicit init);
 the ACmix ``dep_conv`` keeps its shift init.
@@ -29,14 +30,15 @@ from acmix_ms import ACmixPatchwise
 from acmix_ms.validation import check_positive_int
 
 from .registry import register_model
-from .layers import DropPath, StagedBackbone, check_num_classes, check_out_indices, drop_path_rates
+from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
+                     check_out_indices, drop_path_rates)
 
 __all__ = ["SAN", "SANBottleneck"]
 
 NUM_STAGES = 5
 STAGE_WIDTH_FACTORS = (1, 4, 8, 16, 32)
 
-# ACmix options of the SAM, with the proposal's values (official-acmix.md, section 3).
+# ACmix options of the SAM, with the proposal's values (docs/operator.md, "PVT / SAN").
 ACMIX_DEFAULTS = {"kernel_conv": 3, "fc_bias": True, "shift_impl": "learnable", "rate_mode": "learnable",
                   "rates": (0.5, 0.5)}
 STRUCTURE_DEFAULTS = {"layers": (3, 3, 4, 6, 3), "kernels": (3, 7, 7, 7, 7), "base_width": 64, "share_planes": 8,
@@ -96,13 +98,9 @@ class SAN(StagedBackbone):
     def __init__(self, layers, kernels, num_classes=1000, in_chans=3, base_width=64, share_planes=8,
                  sam_options=None, drop_path_rate=0.0, out_indices=None):
         super().__init__()
-        layers, kernels = tuple(layers), tuple(kernels)
-        if len(layers) != NUM_STAGES:
-            raise ValueError(f"layers must give {NUM_STAGES} block counts, got {layers!r}")
+        layers, kernels = check_block_counts(layers, NUM_STAGES), tuple(kernels)
         if len(kernels) != NUM_STAGES:
             raise ValueError(f"kernels must give {NUM_STAGES} attention kernels, got {kernels!r}")
-        for count in layers:
-            check_positive_int("layers[i]", count)
         check_num_classes(num_classes)
         check_positive_int("in_chans", in_chans)
         check_positive_int("base_width", base_width)
@@ -160,17 +158,13 @@ class SAN(StagedBackbone):
 
 
 def _create_san(name, num_classes, in_chans, overrides, use_acmix, **defaults):
-    """Merge a registered configuration with user overrides; unknown keywords raise TypeError."""
-    structure = {**STRUCTURE_DEFAULTS, **defaults}
-    acmix = dict(ACMIX_DEFAULTS) if use_acmix else {}
-    unknown = sorted(set(overrides) - set(structure) - set(acmix))
-    if unknown:
-        raise TypeError(f"{name}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(sorted(set(structure) | set(acmix)))}")
-    for key, value in overrides.items():
-        (structure if key in structure else acmix)[key] = value
-    sam_options = acmix if use_acmix else {"rate_mode": "attention"}
-    return SAN(num_classes=num_classes, in_chans=in_chans, sam_options=sam_options, **structure)
+    """A registered configuration with user overrides (``build_model_with_cfg``): the structure options, and
+    for SAN-ACmix the ``ACmixPatchwise`` options (gathered into ``sam_options``); the baseline's SAMs are
+    attention only."""
+    options = {**STRUCTURE_DEFAULTS, **defaults, "num_classes": num_classes, "in_chans": in_chans}
+    if use_acmix:
+        return build_model_with_cfg(SAN, name, options, overrides, groups={"sam_options": ACMIX_DEFAULTS})
+    return build_model_with_cfg(SAN, name, options, overrides, fixed={"sam_options": {"rate_mode": "attention"}})
 
 
 @register_model(paper={"params_m": 11.8, "gmacs": 1.9, "top1": 77.1})
@@ -193,7 +187,7 @@ def san19(num_classes=1000, in_chans=3, **overrides):
 
 @register_model(paper={"params_m": 12.1, "gmacs": 1.9, "top1": 77.6})
 def san10_acmix(num_classes=1000, in_chans=3, **overrides):
-    """SAN-ACmix-10: SAN-10 with the ACmix conv path in every SAM (proposal, official-acmix.md section 3)."""
+    """SAN-ACmix-10: SAN-10 with the ACmix conv path in every SAM (the proposal of docs/operator.md)."""
     return _create_san("san10_acmix", num_classes, in_chans, overrides, True, layers=(2, 1, 2, 4, 1))
 
 

@@ -31,7 +31,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, Normal, Zero
 
 from acmix_ms.spatial import zero_pad
-from .layers import build_model
+from .layers import build_model_with_cfg, class_options
 from .registry import create_model, register_model
 
 NORMS = ("bn", "gn")
@@ -353,11 +353,13 @@ class UperNet(Segmentor):
 
 
 def _semfpn(backbone, num_classes, in_chans, overrides):
-    return build_model(SemanticFPN, dict(backbone=backbone, num_classes=num_classes, in_chans=in_chans), overrides)
+    options = class_options(SemanticFPN, backbone=backbone, num_classes=num_classes, in_chans=in_chans)
+    return build_model_with_cfg(SemanticFPN, SemanticFPN.__name__, options, overrides)
 
 
 def _upernet(backbone, num_classes, in_chans, overrides):
-    return build_model(UperNet, dict(backbone=backbone, num_classes=num_classes, in_chans=in_chans), overrides)
+    options = class_options(UperNet, backbone=backbone, num_classes=num_classes, in_chans=in_chans)
+    return build_model_with_cfg(UperNet, UperNet.__name__, options, overrides)
 
 
 # Paper Table 2 (ADE20K, 150 classes): params, FLOPs (MACs), mIoU. Its FLOPs of both Semantic FPN and UperNet are

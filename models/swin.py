@@ -20,41 +20,13 @@ path runs on the cyclically shifted map (see ``acmix_ms.window``); False runs it
 from mindspore import nn
 
 from acmix_ms import ACmixWindow
-from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_choice, check_odd, check_positive_int
-from .layers import (DropPath, Mlp, build_model, check_out_indices, check_stage_lists, drop_path_rates,
-                     init_transformer_weights, layer_norm, to_2tuple)
+from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
+                     check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
+                     layer_norm, pad_bottom_right, to_2tuple)
 from .registry import register_model
 
 TOKEN_MIXERS = ("window", "conv")
-
-
-def _pad_bottom_right(x, pad_h, pad_w, channels_last):
-    """Zero-pad the spatial axes of a (B, H, W, C) or (B, C, H, W) map at the bottom and right."""
-    if pad_h == 0 and pad_w == 0:
-        return x
-    if channels_last:
-        return zero_pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    return zero_pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
-
-
-class PatchEmbed(nn.Cell):
-    """Non-overlapping patch embedding: Conv(p x p, stride p) + LayerNorm.
-
-    Inputs: (B, Cin, H, W), padded bottom/right to multiples of p. Outputs: (B, ceil(H/p), ceil(W/p), C).
-    """
-
-    def __init__(self, patch_size=4, in_chans=3, embed_dim=96, norm_eps=1e-5, patch_norm=True):
-        super().__init__()
-        self.patch_size = check_positive_int("patch_size", patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, pad_mode="valid", has_bias=True)
-        self.norm = layer_norm(embed_dim, norm_eps) if patch_norm else nn.Identity()
-
-    def construct(self, x):
-        _, _, height, width = x.shape
-        p = self.patch_size
-        x = _pad_bottom_right(x, (p - height % p) % p, (p - width % p) % p, channels_last=False)
-        return self.norm(self.proj(x).transpose(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Cell):
@@ -71,7 +43,7 @@ class PatchMerging(nn.Cell):
 
     def construct(self, x):
         batch, height, width, channels = x.shape
-        x = _pad_bottom_right(x, height % 2, width % 2, channels_last=True)
+        x = pad_bottom_right(x, height % 2, width % 2, channels_last=True)
         rows, cols = (height + 1) // 2, (width + 1) // 2
         # reshape + transpose instead of x[:, r::2, c::2]: the gradient of step-2 slicing fails on CPU
         x = x.reshape(batch, rows, 2, cols, 2, channels).transpose(0, 1, 3, 4, 2, 5)  # (B, h, w, col, row, C)
@@ -150,7 +122,7 @@ class SwinStage(nn.Cell):
         return x
 
 
-class SwinTransformer(nn.Cell):
+class SwinTransformer(StagedBackbone):
     """Swin Transformer v1 with ACmixWindow (or a 3x3 conv) as the token mixer.
 
     Args:
@@ -177,8 +149,7 @@ class SwinTransformer(nn.Cell):
         check_choice("token_mixer", token_mixer, TOKEN_MIXERS)
         check_positive_int("embed_dim", embed_dim)
         check_positive_int("window_size", window_size)
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        check_num_classes(num_classes)
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
         depths, num_heads = check_stage_lists(len(depths), depths=depths, num_heads=num_heads)
@@ -213,35 +184,27 @@ class SwinTransformer(nn.Cell):
         self.head = nn.Dense(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_transformer_weights(self)
 
-    def forward_stages(self, x):
-        """Tuple of the NCHW block outputs of the stages in ``out_indices``."""
+    def _stages(self, x):
+        """The block outputs (B, H_i, W_i, C_i) of every stage (before its patch merging)."""
         x = self.pos_drop(self.patch_embed(x))
-        features = ()
-        for i, stage in enumerate(self.layers):
+        outputs = ()
+        for stage in self.layers:
             x = stage(x)
-            if i in self.out_indices:
-                features = features + (x.transpose(0, 3, 1, 2),)
+            outputs = outputs + (x,)
             if stage.has_downsample:
                 x = stage.downsample(x)
-        return features
+        return outputs
+
+    def _stage_map(self, output):
+        return output.transpose(0, 3, 1, 2)
 
     def forward_features(self, x):
         """(B, Cin, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), after the final LayerNorm."""
-        x = self.pos_drop(self.patch_embed(x))
-        for stage in self.layers:
-            x = stage(x)
-            if stage.has_downsample:
-                x = stage.downsample(x)
-        return self.norm(x).transpose(0, 3, 1, 2)
+        return self.norm(self._stages(x)[-1]).transpose(0, 3, 1, 2)
 
     def forward_head(self, x):
         """(B, C, H, W) -> global average pool -> head -> (B, num_classes) (pooled (B, C) if no head)."""
         return self.head(x.mean(axis=(2, 3)))
-
-    def construct(self, x):
-        if self.out_indices is not None:
-            return self.forward_stages(x)
-        return self.forward_head(self.forward_features(x))
 
 
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
@@ -249,7 +212,8 @@ _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), wind
 
 
 def _swin(config, num_classes, in_chans, overrides, **mode):
-    return build_model(SwinTransformer, dict(config, num_classes=num_classes, in_chans=in_chans, **mode), overrides)
+    options = class_options(SwinTransformer, **config, num_classes=num_classes, in_chans=in_chans, **mode)
+    return build_model_with_cfg(SwinTransformer, SwinTransformer.__name__, options, overrides)
 
 
 @register_model(paper={"params_m": 29, "gmacs": 4.5, "top1": 81.3})

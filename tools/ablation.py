@@ -335,6 +335,7 @@ def describe_budget(budget, data_dir):
 
 
 def parse_args(argv):
+    from engine.config import DEVICE_TARGETS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="swin", choices=tuple(FAMILIES))
@@ -355,7 +356,7 @@ def parse_args(argv):
     parser.add_argument("--eval_batch_size", type=int, default=250)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--log_interval", type=int, default=50)
-    parser.add_argument("--device_target", default=None, choices=("CPU", "GPU", "Ascend"))
+    parser.add_argument("--device_target", default=None, choices=DEVICE_TARGETS)
     parser.add_argument("--output_dir", default=None, help="default: runs/ablation_<family>")
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK_BUDGET}")
     parser.add_argument("--table_only", action="store_true", help="only rebuild the table from saved results")
@@ -365,7 +366,7 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="write the markdown report here")
     parser.add_argument("--child_of", default=None, help=argparse.SUPPRESS)  # set on the per-variant subprocesses
     args = parser.parse_args(argv)
-    from benchmarks.bench_models import parse_assignments
+    from engine.config import parse_assignments
     args.shape = parse_assignments(args.override, "--override")
     given = sys.argv[1:] if argv is None else list(argv)
     args.command = args.child_of or "python tools/ablation.py " + " ".join(shlex.quote(a) for a in given)
@@ -381,7 +382,7 @@ def parse_args(argv):
                                                                                             else ""))
     args.subset = args.train_per_class is not None or args.val_per_class is not None
     if not args.data_dir:
-        from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+        from engine.fashion_mnist import DEFAULT_SOURCE
         args.data_dir = (os.path.join("data", f"fashion_mnist_idx_{args.train_per_class}_{args.val_per_class}")
                          if args.subset else args.fashion_mnist_source or DEFAULT_SOURCE)
     return args
@@ -403,7 +404,7 @@ def main(argv=None):
         return 0
     if not args.table_only:
         if args.subset:
-            from tools.prepare_fashion_mnist import DEFAULT_SOURCE, prepare_idx
+            from engine.fashion_mnist import DEFAULT_SOURCE, prepare_idx
             prepare_idx(args.data_dir, source=args.fashion_mnist_source or DEFAULT_SOURCE,
                         train_per_class=args.train_per_class, val_per_class=args.val_per_class)
         for variant in args.variants:

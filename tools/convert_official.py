@@ -94,25 +94,15 @@ def _num_source_classes(state):
                           "file? Pass --num_classes to build the model with a fresh head")
 
 
-def _yaml_mapping(text):
-    import yaml
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
-
-_yaml_mapping.__name__ = "YAML mapping"
-
-
 def main(argv=None):
+    from engine.config import yaml_mapping
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registered model name, e.g. swin_tiny_acmix")
     parser.add_argument("--src", required=True, help="official PyTorch .pth file")
     parser.add_argument("--dst", required=True, help="MindSpore .ckpt to write")
     parser.add_argument("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
                         help="classifier width; if it differs from the checkpoint's, the head is left out")
-    parser.add_argument("--model_overrides", type=_yaml_mapping, default={},
+    parser.add_argument("--model_overrides", type=yaml_mapping, default={},
                         help="constructor arguments of the model, e.g. '{img_size: 384, window_size: 12}'")
     parser.add_argument("--image_size", type=int, default=None,
                         help="evaluation image size to record (default: the recipe's, or the model's img_size)")

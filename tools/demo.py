@@ -29,7 +29,7 @@ TARGET_TOP1, TARGET_TRAIN_MINUTES = 90.0, 15.0  # the full run's goal (issue 14)
 
 
 def parse_args(argv):
-    from tools.prepare_fashion_mnist import DEFAULT_SOURCE
+    from engine.fashion_mnist import DEFAULT_SOURCE
     parser = argparse.ArgumentParser(description="Train, evaluate and export ACmix vs its baseline on Fashion-MNIST.")
     parser.add_argument("--quick", action="store_true",
                         help=f"the small run: {QUICK_SUBSET['train_per_class']} / {QUICK_SUBSET['val_per_class']} "
@@ -62,7 +62,7 @@ def parse_args(argv):
 
 def data_folder(args):
     """The IDX folder to train on: the source itself, or a subset written into ``--data``."""
-    from tools.prepare_fashion_mnist import prepare_idx, resolve_paths
+    from engine.fashion_mnist import prepare_idx, resolve_paths
     if args.train_per_class is None and args.val_per_class is None:
         resolve_paths(argparse.Namespace(source=args.source, train_images=None, train_labels=None,
                                          val_images=None, val_labels=None))  # clear message when missing
@@ -117,7 +117,7 @@ def print_table(rows, exported, header_line):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import yaml
-    from tools.prepare_fashion_mnist import PrepareError
+    from engine.fashion_mnist import PrepareError
     from engine.config import build_config, read_yaml
     from engine.trainer import train
     import eval as eval_script

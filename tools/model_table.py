@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from models.profile import count_macs, count_params  # noqa: E402
+from benchmarks.common import format_value, relative_delta  # noqa: E402
 
 
 def select_models(patterns=None):
@@ -42,16 +43,6 @@ def measure(name, img_size=224, with_macs=True):
     return row
 
 
-def _relative(ours, paper):
-    if ours is None or paper is None:
-        return "—"
-    return f"{100.0 * (ours - paper) / paper:+.1f}%"
-
-
-def _fmt(value, digits):
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def table(rows, img_size):
     lines = [f"| model | params M (ours) | params M (paper) | Δ | GMACs @{img_size} (ours) | GMACs (paper) | Δ "
              "| top-1 (paper) |", "|---|---|---|---|---|---|---|---|"]
@@ -60,10 +51,10 @@ def table(rows, img_size):
             lines.append(f"| {name} | error: {row['error']} | | | | | | |")
             continue
         paper = models.paper_info(name)
-        lines.append(f"| {name} | {row['params_m']:.2f} | {_fmt(paper.get('params_m'), 1)} "
-                     f"| {_relative(row['params_m'], paper.get('params_m'))} | {_fmt(row['gmacs'], 2)} "
-                     f"| {_fmt(paper.get('gmacs'), 1)} | {_relative(row['gmacs'], paper.get('gmacs'))} "
-                     f"| {_fmt(paper.get('top1'), 1)} |")
+        lines.append(f"| {name} | {row['params_m']:.2f} | {format_value(paper.get('params_m'), 1)} "
+                     f"| {relative_delta(row['params_m'], paper.get('params_m'))} | {format_value(row['gmacs'], 2)} "
+                     f"| {format_value(paper.get('gmacs'), 1)} | {relative_delta(row['gmacs'], paper.get('gmacs'))} "
+                     f"| {format_value(paper.get('top1'), 1)} |")
     return "\n".join(lines)
 
 
@@ -86,7 +77,7 @@ def main(argv=None):
             row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         rows.append((name, row))
         print(f"{name}: " + (row["error"] if "error" in row else
-                             f"{row['params_m']:.2f} M params, {_fmt(row['gmacs'], 3)} GMACs ({row['seconds']:.1f} s)"),
+                             f"{row['params_m']:.2f} M params, {format_value(row['gmacs'], 3)} GMACs ({row['seconds']:.1f} s)"),
               file=sys.stderr, flush=True)
     text = table(rows, args.img_size)
     print(text)

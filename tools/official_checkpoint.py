@@ -190,22 +190,12 @@ def official_training_checkpoint(state, model_name="", epoch=0, max_accuracy=0.0
     return blob
 
 
-def _yaml_mapping(text):
-    import yaml
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
-
-
-_yaml_mapping.__name__ = "YAML mapping"
-
-
 def main(argv=None):
+    from engine.config import yaml_mapping
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registered model name (Swin, ResNet or PVT family)")
     parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--model_overrides", type=_yaml_mapping, default={}, help="constructor arguments")
+    parser.add_argument("--model_overrides", type=yaml_mapping, default={}, help="constructor arguments")
     parser.add_argument("--out", required=True, help=".pth file to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     parser.add_argument("--legacy", action="store_true", help="the pre-1.6 (non-zip) torch.save format")

@@ -48,7 +48,7 @@ def rates_from_tensors(tensors, weights="raw"):
         weights: 'raw' (the model's own entries; training-state entries ``ema.``/``optimizer.``/... are
             ignored) or 'ema' (the ``ema.`` copies of a training state).
     """
-    from engine.checkpoint import STATE_PREFIXES
+    from models.weights import STATE_PREFIXES
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is not supported; allowed values: {WEIGHTS}")
     layers = {}
@@ -68,7 +68,7 @@ def rates_from_tensors(tensors, weights="raw"):
 
 def rates_from_checkpoint(path, weights="raw"):
     """(rows, meta) of a checkpoint file; rows as in ``rates_from_tensors``."""
-    from engine.checkpoint import CheckpointError, read_checkpoint
+    from models.weights import CheckpointError, read_checkpoint
     tensors, meta = read_checkpoint(path)
     rows = rates_from_tensors(tensors, weights)
     if not rows:
@@ -150,7 +150,7 @@ def main(argv=None):
     sources, title = [], None
     if args.model:
         import models
-        from benchmarks.bench_models import parse_assignments
+        from engine.config import parse_assignments
         model = models.create_model(args.model, **parse_assignments(args.override, "--override"))
         rows = rates_from_model(model)
         if not rows:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from models.profile import count_macs, count_params  # noqa: E402
-from tools.model_table import _fmt, _relative  # noqa: E402
+from benchmarks.common import format_value, relative_delta  # noqa: E402
 
 
 def segmentation_models(patterns=None):
@@ -65,9 +65,9 @@ def table(rows):
         paper = models.paper_info(name)
         height, width = row["input"]
         lines.append(f"| {name} | {height}x{width} | {row['params_m']:.2f} | {row['backbone_params_m']:.2f} "
-                     f"| {_fmt(paper.get('params_m'), 0)} | {_relative(row['params_m'], paper.get('params_m'))} "
-                     f"| {_fmt(row['gmacs'], 1)} | {_fmt(paper.get('gmacs'), 0)} "
-                     f"| {_relative(row['gmacs'], paper.get('gmacs'))} | {_fmt(paper.get('miou'), 1)} |")
+                     f"| {format_value(paper.get('params_m'), 0)} | {relative_delta(row['params_m'], paper.get('params_m'))} "
+                     f"| {format_value(row['gmacs'], 1)} | {format_value(paper.get('gmacs'), 0)} "
+                     f"| {relative_delta(row['gmacs'], paper.get('gmacs'))} | {format_value(paper.get('miou'), 1)} |")
     return "\n".join(lines)
 
 
@@ -91,7 +91,7 @@ def main(argv=None):
             row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         rows.append((name, row))
         print(f"{name}: " + (row["error"] if "error" in row else
-                             f"{row['params_m']:.2f} M params, {_fmt(row['gmacs'], 1)} GMACs ({row['seconds']:.1f} s)"),
+                             f"{row['params_m']:.2f} M params, {format_value(row['gmacs'], 1)} GMACs ({row['seconds']:.1f} s)"),
               file=sys.stderr, flush=True)
     text = table(rows)
     print(text)

@@ -26,7 +26,7 @@ STAGES = ("stage1", "stage2")
 STAGE_NAMES = {"stage1": "I", "stage2": "II"}
 # ResNet-50 3x3 layers: (width C, output resolution, number of blocks); the first block of stages 2-4 has stride 2.
 RESNET50_STAGES = ((64, 56, 3), (128, 28, 4), (256, 14, 6), (512, 7, 3))
-# The paper's Table 1, ResNet-50 column (/work/shared/paper/acmix.txt): (GMACs, share %, params M, share %).
+# The paper's Table 1, ResNet-50 column (Pan et al., CVPR 2022): (GMACs, share %, params M, share %).
 PAPER_RESNET50 = {
     ("convolution", "stage1"): (1.9, 99, 11.3, 100), ("convolution", "stage2"): (0.1, 1, 0.0, 0),
     ("self_attention", "stage1"): (1.0, 83, 3.8, 100), ("self_attention", "stage2"): (0.2, 17, 0.0, 0),
