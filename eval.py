@@ -16,7 +16,6 @@ Exit codes: 0 done, 1 the model produced NaN or inf logits, 2 bad input.
 """
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -125,10 +124,8 @@ def run(args):
         check_writable_folder(os.path.dirname(os.path.abspath(args.json_path)), "--json")
     given = given_run_options(args)
     setup_context(args.mode, args.device_target)
-    data_log = logging.getLogger("engine.data")  # the image check's progress lines on stdout
-    data_log.setLevel(logging.INFO)
-    if not data_log.handlers:
-        data_log.addHandler(logging.StreamHandler(sys.stdout))
+    from engine.logger import setup_logging
+    setup_logging()  # the engine's loggers (the image check's progress lines) print to this run's stdout
     if args.checkpoint:
         model, cfg, meta, _ = model_from_checkpoint(args.checkpoint, args.weights, given, args.config)
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
