@@ -110,13 +110,13 @@ class ACmixBase(nn.Cell):
     @property
     def conv_kernel(self):
         """True when the conv path's group convolution runs a device kernel (``ops.Custom``)."""
-        return self.has_conv and self.shift_impl != "tensor" and not isinstance(self.group_conv, GroupConv)
+        return hasattr(self, "group_conv") and not isinstance(self.group_conv, GroupConv)
 
     def set_conv_kernel(self, enabled):
         """Run the conv path's group convolution with the device kernel (where one builds) or with standard
         operators (``enabled=False``, e.g. for a portable MINDIR); same parameters and results. Call it before
         the network's first run: a compiled graph is not rebuilt."""
-        if self.has_conv and self.shift_impl != "tensor":
+        if hasattr(self, "group_conv"):  # a conv path with a group-convolution shift
             self.group_conv = group_conv(*self._group_conv_args, use_kernel=enabled)
 
     def conv_path(self, groups, height, width):

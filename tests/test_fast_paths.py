@@ -128,6 +128,28 @@ def test_cpu_group_conv_backward_equals_autodiff(groups, per_group, out_per_grou
     _assert_same(*results)
 
 
+def test_set_conv_path_kernels_switches_the_group_convolution_with_the_same_output():
+    if ms.get_context("device_target") != "CPU":
+        pytest.skip("CPU kernel")
+    from acmix_ms import set_conv_path_kernels
+    net = models.create_model("resnet_tiny_acmix", num_classes=10)
+    layers = [cell for _, cell in net.cells_and_names() if isinstance(cell, ACmixBase)]
+    if not all(layer.conv_kernel for layer in layers):
+        pytest.skip("the group-convolution kernel does not build here")
+    net.set_train(False)
+    x = Tensor(np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    twin = models.create_model("resnet_tiny_acmix", num_classes=10)
+    ms.load_param_into_net(twin, net.parameters_dict(), strict_load=True)
+    twin.set_train(False)
+    assert set_conv_path_kernels(twin, False) == 4
+    assert all(isinstance(cell.group_conv, GroupConv) for _, cell in twin.cells_and_names()
+               if isinstance(cell, ACmixBase))
+    assert set_conv_path_kernels(twin, False) == 0  # nothing left to switch
+    np.testing.assert_allclose(twin(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
+    conv_only_tensor = models.create_model("resnet_tiny_acmix", num_classes=10, shift_impl="tensor")
+    assert set_conv_path_kernels(conv_only_tensor, False) == 0  # explicit shifts: no group convolution
+
+
 # ------------------------------------------------------------------------------ ACmixLocal with the qkv kernel
 def _local_pair(seed, **options):
     fast = ACmixLocal(attention_impl="auto", **options)

@@ -630,48 +630,6 @@ inline float dot(const float *a, const float *b, int64_t n) {
 
 float query_scale(const Geometry &g) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(g.dim))); }
 
-#ifdef __AVX2__
-inline float horizontal_sum(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
-}
-
-// dw[m * m_stride + p] += sum_e go[m][e] * src[base[p] + e] for 4 outputs m (rows go + m * go_stride) and every
-// offset p: 3 offsets x 4 outputs = 12 accumulators per pass, so each vector loaded serves 3 or 4 products.
-void filter_grad_block4(const float *go, int64_t go_stride, const float *src, const std::vector<int64_t> &base,
-                        int64_t n, float *dw, int64_t m_stride) {
-  const int64_t taps = static_cast<int64_t>(base.size()), n8 = n / 8 * 8;
-  int64_t p = 0;
-  for (; p < taps; p += 3) {
-    const int64_t count = std::min<int64_t>(3, taps - p);
-    const float *s0 = src + base[p], *s1 = src + base[p + (count > 1 ? 1 : 0)], *s2 = src + base[p + (count > 2 ? 2 : 0)];
-    __m256 acc[4][3];
-    for (auto &row : acc) {
-      for (auto &v : row) v = _mm256_setzero_ps();
-    }
-    for (int64_t e = 0; e < n8; e += 8) {
-      const __m256 x0 = _mm256_loadu_ps(s0 + e), x1 = _mm256_loadu_ps(s1 + e), x2 = _mm256_loadu_ps(s2 + e);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 gv = _mm256_loadu_ps(go + m * go_stride + e);
-        acc[m][0] = _mm256_fmadd_ps(gv, x0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(gv, x1, acc[m][1]);
-        acc[m][2] = _mm256_fmadd_ps(gv, x2, acc[m][2]);
-      }
-    }
-    const float *srcs[3] = {s0, s1, s2};
-    for (int m = 0; m < 4; ++m) {
-      const float *g_m = go + m * go_stride;
-      for (int64_t q = 0; q < count; ++q) {
-        float sum = horizontal_sum(acc[m][q]);
-        for (int64_t e = n8; e < n; ++e) sum += g_m[e] * srcs[q][e];
-        dw[m * m_stride + p + q] += sum;
-      }
-    }
-  }
-}
-#endif
-
 }  // namespace
 
 extern "C" {
@@ -910,16 +868,7 @@ extern "C" int GroupConvFilterGrad(int nparam, void **params, int *ndims, int64_
         for (int64_t m = 0; m < per_group_out; ++m) {
           expand(g, l, grad_out + (b * channels + j * per_group_out + m) * n, grad_ext.data() + m * ext);
         }
-          int64_t m = 0;
-#ifdef __AVX2__
-        for (; m + 4 <= per_group_out; m += 4) {
-          for (int64_t c = 0; c < per_group_in; ++c) {
-            filter_grad_block4(grad_ext.data() + m * ext, ext, padded.data() + c * l.channel_size(), l.base, l.span,
-                               dw + (m * per_group_in + c) * taps, per_group_in * taps);
-          }
-        }
-#endif
-        for (; m < per_group_out; ++m) {
+        for (int64_t m = 0; m < per_group_out; ++m) {
           const float *__restrict go = grad_ext.data() + m * ext;
           for (int64_t c = 0; c < per_group_in; ++c) {
             const float *pad_c = padded.data() + c * l.channel_size();
@@ -1088,7 +1037,6 @@ int GroupConvForward(int nparam, void **params, int *ndims, int64_t **shapes, co
   acmix::parallel_for(c.batch * g.heads, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> padded(per_in * l.channel_size() + kLanes, 0.0f), out_ext(4 * ext);
     std::vector<float> packed(per_in * taps * 4);
-    int64_t packed_group = -1;
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / g.heads, j = task % g.heads;
       for (int64_t ci = 0; ci < per_in; ++ci) {
@@ -1097,8 +1045,7 @@ int GroupConvForward(int nparam, void **params, int *ndims, int64_t **shapes, co
         copy_interior<true>(l, c.height, c.width, c.pad, src, dst);
       }
       for (int64_t m0 = 0; m0 < per_out; m0 += 4) {
-        if (packed_group != j || per_out > 4) pack_weights(weight, c, j, m0, packed.data());
-        packed_group = j;
+        pack_weights(weight, c, j, m0, packed.data());
         conv_block4(padded.data(), l.channel_size(), per_in, l.base, packed.data(), n, ext, out_ext.data());
         for (int64_t m = m0; m < std::min(per_out, m0 + 4); ++m) {
           compact(g, l, out_ext.data() + (m - m0) * ext, out + (b * g.heads * per_out + j * per_out + m) * out_plane);
