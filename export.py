@@ -21,10 +21,9 @@ unsupported, 2 bad input (a checkpoint holding NaN or inf included).
 import argparse
 import sys
 
+from acmix_ms.constants import PORTABLE_IMPLS  # plain Python: --help stays fast
 # the work lives in engine/export.py; these names are also this script's public ones (tests, tools/demo.py)
 from engine.export import FORMATS, ExportError, export, make_exportable  # noqa: F401
-
-PORTABLE_IMPLS = ("unfold", "lean")  # = acmix_ms.local_attention.PORTABLE_IMPLS (not imported: fast --help)
 
 
 def parse_args(argv):

@@ -3,15 +3,25 @@
 Cells: ``ShiftConv`` (shift-and-sum, four implementations), ``ACmixLocal`` (sliding window, ResNet),
 ``ACmixWindow`` (shifted windows, Swin), ``ACmixGlobal`` (spatial-reduction global, PVT),
 ``ACmixPatchwise`` (patchwise, SAN). Per-stage costs of Table 1: ``acmix_ms.cost``.
+
+The public names load their module (and MindSpore) at first use, so ``acmix_ms.constants`` stays a plain
+Python import: the scripts read it before parsing their arguments, and ``--help`` stays fast.
 """
-from .shift import ShiftConv, SHIFT_IMPLS, shift_kernels
-from .base import ACmixBase, RATE_MODES, set_conv_path_kernels
-from .local import ACmixLocal, attention_backends, set_attention_impl
-from .window import ACmixWindow
-from .global_attention import ACmixGlobal
-from .patchwise import ACmixPatchwise
-from .cost import stage_costs
-from .dropin import replace_convs, init_from_conv, ReplacementReport  # drop-in use in any network: docs/dropin.md
+import importlib
+
+# public name -> the module defining it
+_EXPORTS = {
+    "ShiftConv": "shift", "SHIFT_IMPLS": "shift", "shift_kernels": "shift",
+    "ACmixBase": "base", "RATE_MODES": "base", "set_conv_path_kernels": "base",
+    "ACmixLocal": "local", "attention_backends": "local", "set_attention_impl": "local",
+    "ACmixWindow": "window",
+    "ACmixGlobal": "global_attention",
+    "ACmixPatchwise": "patchwise",
+    "stage_costs": "cost",
+    "replace_convs": "dropin", "init_from_conv": "dropin", "ReplacementReport": "dropin",  # docs/dropin.md
+}
+_SUBMODULES = ("base", "constants", "cost", "dropin", "global_attention", "kernels", "local", "local_attention",
+               "patchwise", "shift", "spatial", "validation", "window")
 
 __all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES",
            "set_conv_path_kernels", "ACmixLocal", "attention_backends",
@@ -19,3 +29,17 @@ __all__ = ["ShiftConv", "SHIFT_IMPLS", "shift_kernels", "ACmixBase", "RATE_MODES
            "ACmixGlobal", "ACmixPatchwise", "stage_costs"]
 __all__ += ["replace_convs", "init_from_conv", "ReplacementReport"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups do not come back here
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

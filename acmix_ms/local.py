@@ -6,10 +6,12 @@ keys/values, with the official learned relative positional term.
 The official logits are ``q . (k_nb + pe_centre - pe_nb)``. ``q . pe_centre`` is the same for all
 neighbours of a pixel, so softmax cancels it; we compute ``q . (k - pe)_nb`` from one padded map.
 """
-from mindspore import nn, ops
+from typing import Optional, Sequence
+
+from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
-from .local_attention import LOCAL_ATTENTION_IMPLS, PORTABLE_IMPLS, attention_backend, qkv_aggregation
+from .local_attention import LOCAL_ATTENTION_IMPLS, qkv_aggregation
 from .spatial import out_size, reflect_pad
 from .validation import check_choice, check_divisible, check_odd, check_positive_int
 
@@ -31,16 +33,18 @@ class ACmixLocal(ACmixBase):
         attention_impl: ``'auto'`` (the device's fused kernel where one is registered, else ``'unfold'``),
             ``'unfold'`` (stack the k*k neighbours: the reference), ``'lean'`` (offset by offset with a
             hand-written backward) or ``'fused'`` (the kernel, else lean); see ``acmix_ms.local_attention``.
-            Results and parameters are the same for all; ``set_attention_impl`` changes it after construction.
+            Results and parameters are the same for all; ``acmix_ms.set_attention_impl(layer_or_network, impl)``
+            changes it after construction.
 
     Inputs: (B, Cin, H, W). Outputs: (B, C, ceil(H/s), ceil(W/s)).
     Channel o of the attention output is head o // d, channel o % d; of the conv output, group
     o // N (official layout, kept so the official weights load).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_att=7, num_heads=4, kernel_conv=3, stride=1,
-                 dilation=1, qkv_bias=True, fc_bias=False, shift_impl="learnable", rate_mode="learnable",
-                 rates=(0.5, 0.5), attention_impl="auto"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_att: int = 7, num_heads: int = 4,
+                 kernel_conv: int = 3, stride: int = 1, dilation: int = 1, qkv_bias: bool = True,
+                 fc_bias: bool = False, shift_impl: str = "learnable", rate_mode: str = "learnable",
+                 rates: Sequence[float] = (0.5, 0.5), attention_impl: str = "auto"):
         check_positive_int("in_channels", in_channels)
         check_positive_int("num_heads", num_heads)
         head_dim = check_divisible("out_channels", out_channels, "num_heads", num_heads)
@@ -48,7 +52,6 @@ class ACmixLocal(ACmixBase):
                          rates, fc_bias)
         check_odd("kernel_att", kernel_att)
         check_positive_int("dilation", dilation)
-        check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_heads = num_heads
@@ -56,13 +59,22 @@ class ACmixLocal(ACmixBase):
         self.kernel_att = kernel_att
         self.stride = stride
         self.dilation = dilation
-        self.attention_impl = attention_impl
         self.att_pad = dilation * (kernel_att - 1) // 2
         self.scale = head_dim ** -0.5
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, has_bias=qkv_bias)
         if self.has_attention:
             self.conv_p = nn.Conv2d(2, head_dim, 1, has_bias=True)
-            self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](kernel_att, stride, dilation)
+        self._use_attention_impl(attention_impl)
+
+    def _use_attention_impl(self, attention_impl):
+        """Build the attention aggregation with ``attention_impl`` (a name in ``LOCAL_ATTENTION_IMPLS``).
+
+        Called at construction and by ``set_attention_impl``: same parameters, same results.
+        """
+        check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
+        if self.has_attention:
+            self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](self.kernel_att, self.stride, self.dilation)
+        self.attention_impl = attention_impl
         self._select_kernel_path()
 
     def _select_kernel_path(self):
@@ -80,19 +92,11 @@ class ACmixLocal(ACmixBase):
             self.qkv_attention = qkv_aggregation(self.aggregate, self.num_heads, self.qkv_layout)
 
     @property
-    def attention_backend(self):
+    def attention_backend(self) -> Optional[str]:
         """What computes the attention: 'unfold', 'lean', a device target (its kernel), or None (no attention)."""
-        return attention_backend(self.aggregate) if self.has_attention else None
+        return self.aggregate.backend if self.has_attention else None
 
-    def set_attention_impl(self, attention_impl):
-        """Recompute the attention with another implementation (same parameters, same results)."""
-        check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
-        if self.has_attention:
-            self.aggregate = LOCAL_ATTENTION_IMPLS[attention_impl](self.kernel_att, self.stride, self.dilation)
-        self.attention_impl = attention_impl
-        self._select_kernel_path()
-
-    def construct(self, x):
+    def construct(self, x: Tensor) -> Tensor:
         if x.ndim != 4:
             raise ValueError(f"ACmixLocal expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape
@@ -157,13 +161,13 @@ class ACmixLocal(ACmixBase):
         return 2 * self.kernel_att ** 2 * self.out_channels * pixels
 
 
-def local_attention_layers(network):
+def local_attention_layers(network: nn.Cell) -> list:
     """(name, ACmixLocal) of every sliding-window ACmix layer in ``network`` that has an attention path."""
     return [(name, cell) for name, cell in network.cells_and_names()
             if isinstance(cell, ACmixLocal) and cell.has_attention]
 
 
-def attention_backends(network):
+def attention_backends(network: nn.Cell) -> dict:
     """{backend: number of layers} over the ACmixLocal layers of ``network``, e.g. {'CPU': 8}."""
     counts = {}
     for _, layer in local_attention_layers(network):
@@ -171,17 +175,19 @@ def attention_backends(network):
     return counts
 
 
-def set_attention_impl(network, attention_impl, only_kernels=False):
-    """Switch the ACmixLocal layers of ``network`` to ``attention_impl``; returns how many were switched.
+def set_attention_impl(network: nn.Cell, attention_impl: str, only_kernels: bool = False) -> int:
+    """Switch the ACmixLocal layers of ``network`` (or the layer itself) to ``attention_impl``; returns how
+    many were switched. The one way to change the implementation after construction.
 
     only_kernels: switch only the layers running a device kernel (``ops.Custom``), e.g. to export a MINDIR
     that does not refer to this machine's compiled library. Call it before the network's first run: a graph
     already compiled is not rebuilt.
     """
+    check_choice("attention_impl", attention_impl, tuple(LOCAL_ATTENTION_IMPLS))
     switched = 0
     for _, layer in local_attention_layers(network):
-        if only_kernels and layer.attention_backend in PORTABLE_IMPLS:
+        if only_kernels and not layer.aggregate.uses_kernel:
             continue
-        layer.set_attention_impl(attention_impl)
+        layer._use_attention_impl(attention_impl)
         switched += 1
     return switched

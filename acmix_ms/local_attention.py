@@ -1,7 +1,10 @@
 """Sliding-window attention aggregation: the Stage II of ``ACmixLocal``, in three implementations and a default.
 
-All take the strided queries and the reflection-padded keys and values of one head stack and return
-``sum_p softmax_p(q . k_p) v_p`` over the k*k neighbours p of every output pixel:
+One table, ``LOCAL_ATTENTION_IMPLS``, names them all ('auto', 'unfold', 'lean', 'fused'), with one interface:
+``LOCAL_ATTENTION_IMPLS[name](kernel_size, stride=1, dilation=1, device_target=None)`` builds a
+``LocalAttention`` Cell mapping (query, key_pad, value_pad) to the output, whose ``backend`` names what runs
+('unfold', 'lean' or the device target of a kernel) and ``uses_kernel`` says whether that is a device kernel.
+All return ``sum_p softmax_p(q . k_p) v_p`` over the k*k neighbours p of every output pixel:
 
 - ``UnfoldLocalAttention``: stacks the k*k shifted views (like torch's Unfold) and lets autodiff do the
   rest. Simple, and the reference, but forward and backward hold (B*N, d, k*k, H, W) tensors: k*k = 49
@@ -17,27 +20,49 @@ All take the strided queries and the reflection-padded keys and values of one he
   (docs/local_attention.md); where no kernel exists nothing has been measured, so nothing changes there.
 
 Choosing an implementation never changes parameters or results: a checkpoint trained with one loads into
-any other, and ``use_portable_attention`` swaps kernels out of a built network before MINDIR export.
+any other, and ``acmix_ms.set_attention_impl(net, impl, only_kernels=True)`` swaps kernels out of a built
+network before MINDIR export (``engine.export.make_exportable``).
 
 Shapes: query (BN, d, H', W'); key_pad, value_pad (BN, d, Hp, Wp) with
 Hp >= (H'-1)*stride + (k-1)*dilation + 1. Output (BN, d, H', W').
 """
 import warnings
+from typing import Callable, Optional, Sequence
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
+from .constants import DEVICE_TARGETS, PORTABLE_IMPLS
 from .spatial import neighbourhood_slices
 
 
-class UnfoldLocalAttention(nn.Cell):
-    """Reference implementation: all k*k neighbours stacked at once."""
+class LocalAttention(nn.Cell):
+    """The interface of every implementation in ``LOCAL_ATTENTION_IMPLS``.
 
-    def __init__(self, kernel_size, stride=1, dilation=1):
+    Args:
+        kernel_size: k (odd), the attention window.
+        stride: output pixel spacing.
+        dilation: spacing of the neighbours.
+        device_target: the device whose kernel to use (``FusedLocalAttention``); None: the context's. The
+            portable implementations run anywhere and ignore it.
+
+    Inputs: query (BN, d, H', W'), key_pad and value_pad (BN, d, Hp, Wp). Output: (BN, d, H', W').
+    ``backend``: what runs ('unfold', 'lean' or a device target); ``uses_kernel``: a device kernel
+    (``ops.Custom``) runs, so an exported MINDIR would refer to this machine's compiled library.
+    """
+    backend = None
+    uses_kernel = False
+
+    def __init__(self, kernel_size: int, stride: int = 1, dilation: int = 1, device_target: Optional[str] = None):
         super().__init__()
         self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
 
-    def construct(self, query, key_pad, value_pad):
+
+class UnfoldLocalAttention(LocalAttention):
+    """Reference implementation: all k*k neighbours stacked at once."""
+    backend = "unfold"
+
+    def construct(self, query: Tensor, key_pad: Tensor, value_pad: Tensor) -> Tensor:
         h_out, w_out = query.shape[2], query.shape[3]
         keys = ops.stack(neighbourhood_slices(key_pad, self.kernel_size, h_out, w_out, self.stride,
                                               self.dilation), 2)  # (BN, d, k*k, H', W')
@@ -47,15 +72,15 @@ class UnfoldLocalAttention(nn.Cell):
         return (weights.expand_dims(1) * values).sum(2)
 
 
-class LeanLocalAttention(nn.Cell):
+class LeanLocalAttention(LocalAttention):
     """Offset-by-offset implementation with a hand-written backward; memory O(BN * k*k * H' * W')."""
+    backend = "lean"
 
-    def __init__(self, kernel_size, stride=1, dilation=1):
-        super().__init__()
-        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+    def __init__(self, kernel_size: int, stride: int = 1, dilation: int = 1, device_target: Optional[str] = None):
+        super().__init__(kernel_size, stride, dilation)
         self.aggregate = _LeanAggregation(kernel_size, stride, dilation)
 
-    def construct(self, query, key_pad, value_pad):
+    def construct(self, query: Tensor, key_pad: Tensor, value_pad: Tensor) -> Tensor:
         return self.aggregate(query, key_pad, value_pad)[0]
 
 
@@ -158,15 +183,15 @@ def _cpu_aggregation(kernel_size, stride, dilation):
 DEVICE_AGGREGATIONS = {"CPU": (_cpu_aggregation, (ms.float32,))}
 
 
-def register_device_aggregation(device_target, factory, dtypes):
+def register_device_aggregation(device_target: str, factory: Callable[[int, int, int], nn.Cell],
+                                dtypes: Sequence) -> None:
     """Use ``factory`` for ``FusedLocalAttention`` on ``device_target`` ('CPU', 'GPU' or 'Ascend').
 
     ``factory(kernel_size, stride, dilation)`` returns a Cell mapping (query, key_pad, value_pad) to
     (output, attention weights) like ``_LeanAggregation``; ``dtypes``: the tensor dtypes it accepts.
     """
-    allowed = ("CPU", "GPU", "Ascend")
-    if device_target not in allowed:
-        raise ValueError(f"device_target must be one of {allowed}, got {device_target!r}")
+    if device_target not in DEVICE_TARGETS:
+        raise ValueError(f"device_target must be one of {DEVICE_TARGETS}, got {device_target!r}")
     if not callable(factory):
         raise ValueError(f"factory must be callable, got {factory!r}")
     if not dtypes:
@@ -174,51 +199,39 @@ def register_device_aggregation(device_target, factory, dtypes):
     DEVICE_AGGREGATIONS[device_target] = (factory, tuple(dtypes))
 
 
-# what runs without a device kernel; these use standard MindSpore operators only, so they are also the
-# implementations an exported MINDIR may contain (PORTABLE_IMPLS)
-FALLBACKS = {"unfold": UnfoldLocalAttention, "lean": _LeanAggregation}
-PORTABLE_IMPLS = tuple(FALLBACKS)
-
-
-class FusedLocalAttention(nn.Cell):
-    """The device's fused kernel when one is registered for it, else a pure-MindSpore implementation.
+class FusedLocalAttention(LocalAttention):
+    """The device's fused kernel when one is registered for it, else a portable implementation.
 
     Args:
-        kernel_size, stride, dilation: as the other implementations.
-        device_target: the device whose kernel to use; None: the context's ``device_target``.
-        fallback: what runs without a kernel: ``'lean'`` (``attention_impl='fused'``) or ``'unfold'``
-            (``attention_impl='auto'``).
+        kernel_size, stride, dilation, device_target: as ``LocalAttention``.
+        fallback: the portable implementation (a name in ``PORTABLE_IMPLS``) that runs without a kernel:
+            ``'lean'`` (``attention_impl='fused'``) or ``'unfold'`` (``attention_impl='auto'``).
 
     ``self.backend`` names what runs: the device target of the kernel, or the fallback's name. A kernel that
     fails to build (e.g. no C++ compiler) gives the fallback with a warning.
     """
 
-    def __init__(self, kernel_size, stride=1, dilation=1, device_target=None, fallback="lean"):
-        super().__init__()
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {tuple(FALLBACKS)}, got {fallback!r}")
-        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+    def __init__(self, kernel_size: int, stride: int = 1, dilation: int = 1, device_target: Optional[str] = None,
+                 fallback: str = "lean"):
+        super().__init__(kernel_size, stride, dilation)
+        if fallback not in PORTABLE_IMPLS:
+            raise ValueError(f"fallback must be one of {PORTABLE_IMPLS}, got {fallback!r}")
         device_target = device_target or ms.get_context("device_target")
         self.backend, self.dtypes, self.aggregate = fallback, (), None
         if device_target in DEVICE_AGGREGATIONS:
             factory, dtypes = DEVICE_AGGREGATIONS[device_target]
             try:
-                self.aggregate = factory(kernel_size, stride, dilation)
+                self.aggregate = factory(kernel_size, stride, dilation)  # returns (output, weights)
                 self.backend, self.dtypes = device_target, dtypes
             except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
                 warnings.warn(f"FusedLocalAttention: no {device_target} kernel ({error}); using the "
                               f"{fallback} implementation")
-        if self.aggregate is None:
-            self.aggregate = FALLBACKS[fallback](kernel_size, stride, dilation)
-        # the kernels and the lean Cell return (output, weights); the unfold Cell the output only
-        self.returns_weights = self.backend != "unfold"
+        self.uses_kernel = self.aggregate is not None
+        if not self.uses_kernel:
+            self.aggregate = LOCAL_ATTENTION_IMPLS[fallback](kernel_size, stride, dilation)  # returns the output
 
-    @property
-    def uses_kernel(self):
-        return self.backend not in PORTABLE_IMPLS
-
-    def construct(self, query, key_pad, value_pad):
-        if not self.returns_weights:
+    def construct(self, query: Tensor, key_pad: Tensor, value_pad: Tensor) -> Tensor:
+        if not self.uses_kernel:
             return self.aggregate(query, key_pad, value_pad)
         dtype = query.dtype
         if self.dtypes and dtype not in self.dtypes:
@@ -239,14 +252,14 @@ def _cpu_qkv_aggregation(kernel_size, stride, dilation, num_heads, layout):
 DEVICE_QKV_AGGREGATIONS = {"CPU": _cpu_qkv_aggregation}
 
 
-def qkv_aggregation(aggregation, num_heads, layout):
+def qkv_aggregation(aggregation: LocalAttention, num_heads: int, layout: int) -> Optional[nn.Cell]:
     """The kernel computing ``ACmixLocal``'s whole attention path from its projection, or None.
 
     Given only where ``aggregation`` (the layer's Stage-II Cell) runs a device kernel and that device has a
     qkv kernel registered in ``DEVICE_QKV_AGGREGATIONS``; so a portable implementation (unfold, lean, or no
     kernel for the device) keeps the pure-MindSpore path.
     """
-    if not isinstance(aggregation, FusedLocalAttention) or not aggregation.uses_kernel:
+    if not aggregation.uses_kernel:
         return None
     factory = DEVICE_QKV_AGGREGATIONS.get(aggregation.backend)
     if factory is None:
@@ -258,21 +271,14 @@ def qkv_aggregation(aggregation, num_heads, layout):
         return None
 
 
-def auto_local_attention(kernel_size, stride=1, dilation=1, device_target=None):
+def auto_local_attention(kernel_size: int, stride: int = 1, dilation: int = 1,
+                         device_target: Optional[str] = None) -> FusedLocalAttention:
     """``attention_impl='auto'``: the device's kernel where one is registered and builds, else unfold."""
     return FusedLocalAttention(kernel_size, stride, dilation, device_target=device_target, fallback="unfold")
 
 
-def attention_backend(aggregation):
-    """What an aggregation Cell runs: 'unfold', 'lean' or the device target of a fused kernel."""
-    if isinstance(aggregation, FusedLocalAttention):
-        return aggregation.backend
-    if isinstance(aggregation, LeanLocalAttention):
-        return "lean"
-    if isinstance(aggregation, UnfoldLocalAttention):
-        return "unfold"
-    return type(aggregation).__name__
-
-
+# name -> factory(kernel_size, stride=1, dilation=1, device_target=None) -> LocalAttention: the one table of
+# implementations (``attention_impl`` of ACmixLocal, replace_convs and the models); the portable ones
+# (PORTABLE_IMPLS) use standard MindSpore operators only, so they are also what an exported MINDIR may contain
 LOCAL_ATTENTION_IMPLS = {"auto": auto_local_attention, "unfold": UnfoldLocalAttention, "lean": LeanLocalAttention,
                          "fused": FusedLocalAttention}

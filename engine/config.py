@@ -18,7 +18,7 @@ from typing import Optional
 
 import yaml
 
-DEVICE_TARGETS = ("CPU", "GPU", "Ascend")  # the one list of MindSpore backends (engine, scripts, benchmarks)
+from acmix_ms.constants import DEVICE_TARGETS  # noqa: F401  (re-exported: the scripts' --device_target choices)
 DEFAULT_LOSS_SCALE = 65536.0  # static loss scale, or the initial dynamic one (option loss_scale_value)
 
 

@@ -115,7 +115,7 @@ def describe_attention_backends(model):
     """Which implementation computes each sliding-window ACmix layer of ``model``, e.g.
     ``'2 layer(s) cpu kernel, 1 layer(s) unfold'`` (a device kernel named as such); '' without such layers."""
     from acmix_ms.local import attention_backends
-    from acmix_ms.local_attention import PORTABLE_IMPLS
+    from acmix_ms.constants import PORTABLE_IMPLS
     return ", ".join(f"{count} layer(s) {backend if backend in PORTABLE_IMPLS else backend + ' kernel'}"
                      for backend, count in sorted(attention_backends(model).items()))
 

@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 import models
-from acmix_ms import ACmixBase, ACmixLocal, attention_backends
+from acmix_ms import ACmixBase, ACmixLocal, attention_backends, set_attention_impl
 from acmix_ms.base import GroupConv
 
 
@@ -188,9 +188,9 @@ def test_acmix_local_qkv_kernel_equals_unfold_reference(cin, cout, heads, kernel
 
 def test_kernel_path_follows_set_attention_impl():
     fast, _ = _local_pair(seed=0, in_channels=8, out_channels=8, num_heads=2, kernel_att=3)
-    fast.set_attention_impl("unfold")
+    set_attention_impl(fast, "unfold")
     assert fast.qkv_attention is None and fast.attention_backend == "unfold"
-    fast.set_attention_impl("fused")
+    set_attention_impl(fast, "fused")
     assert fast.qkv_attention is not None and fast.attention_backend == "CPU"
 
 

@@ -71,7 +71,7 @@ def test_fused_runs_the_cpu_kernel_on_cpu():
 def test_fused_falls_back_to_lean_without_a_device_kernel():
     attention = FusedLocalAttention(3, device_target="GPU")  # no GPU kernel registered
     assert attention.backend == "lean"
-    assert isinstance(attention.aggregate, local_attention._LeanAggregation)
+    assert isinstance(attention.aggregate, local_attention.LeanLocalAttention)
 
 
 def test_fused_falls_back_with_a_warning_when_the_kernel_cannot_be_built(monkeypatch):
@@ -263,6 +263,6 @@ def test_export_cli_switches_kernel_layers_to_the_chosen_implementation(tmp_path
     assert "exported with attention_impl='lean'" in printed and "max |diff|" in printed
     assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 8  # attention + conv
     assert b"LocalAttentionForward" not in output.read_bytes() and b"GroupConvForward" not in output.read_bytes()
-    assert export_script.PORTABLE_IMPLS == local_attention.PORTABLE_IMPLS  # kept apart for a fast --help
+    assert export_script.PORTABLE_IMPLS == local_attention.PORTABLE_IMPLS  # both acmix_ms.constants'
     with pytest.raises(SystemExit):  # only portable implementations may go into a MINDIR
         export_script.parse_args(["--model", "resnet_tiny_acmix", "--attention_impl", "fused"])
