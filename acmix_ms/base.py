@@ -5,6 +5,7 @@ subclasses; the convolution path (light fc over the head groups, then shift-and-
 ``rate1 * F_att + rate2 * F_conv`` (Eq. 13, Table 6 modes) are the same everywhere.
 """
 import contextlib
+from typing import Sequence
 
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
@@ -41,7 +42,7 @@ def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_ta
     return GroupConv(kernel_size, stride, groups)
 
 
-def set_conv_path_kernels(network, enabled):
+def set_conv_path_kernels(network: nn.Cell, enabled: bool) -> int:
     """``set_conv_kernel(enabled)`` on every ACmix layer of ``network``; returns how many layers ran a kernel
     before (``enabled=False``: how many were switched to standard operators) or run one after (``True``)."""
     count = 0
@@ -83,8 +84,9 @@ class ACmixBase(nn.Cell):
     use_reference_paths = False  # class-wide switch, set only by ``reference_paths()``
 
 
-    def __init__(self, num_groups, head_dim, out_channels, kernel_conv=3, stride=1, shift_impl="learnable",
-                 rate_mode="learnable", rates=(0.5, 0.5), fc_bias=True):
+    def __init__(self, num_groups: int, head_dim: int, out_channels: int, kernel_conv: int = 3, stride: int = 1,
+                 shift_impl: str = "learnable", rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5),
+                 fc_bias: bool = True):
         super().__init__()
         self.rate_mode = check_choice("rate_mode", rate_mode, RATE_MODES)
         check_choice("shift_impl", shift_impl, SHIFT_IMPLS)

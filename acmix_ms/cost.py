@@ -7,7 +7,8 @@ aggregation (shift-and-sum, attention products) and, for ACmix, the light fc and
 from .validation import check_divisible, check_odd, check_positive_int
 
 
-def stage_costs(channels, kernel_conv=3, kernel_att=7, num_heads=4, height=56, width=56):
+def stage_costs(channels: int, kernel_conv: int = 3, kernel_att: int = 7, num_heads: int = 4, height: int = 56,
+                width: int = 56) -> dict:
     """Table 1 for one layer.
 
     Returns:

@@ -22,6 +22,7 @@ initialisation and says why. docs/dropin.md lists measured errors.
 """
 import math
 from dataclasses import dataclass, field, asdict
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -198,7 +199,7 @@ def _dense_kernel(qkv_weight, fc_weight, dep_weight, head_dim):
     return np.einsum("opuv,opc->ocuv", dep_weight, maps_per_output)
 
 
-def init_from_conv(layer, conv, tolerance=0.1, apply=True):
+def init_from_conv(layer: ACmixLocal, conv: nn.Conv2d, tolerance: float = 0.1, apply: bool = True) -> ConvInit:
     """Set ``layer`` (an ACmixLocal) so that it computes ``conv`` (an nn.Conv2d) as closely as its shapes allow.
 
     Exact where possible, else the best rank-r approximation per head-channel group (module docstring).
@@ -344,9 +345,11 @@ def _forget_compiled_graphs(network):
         cell.compile_cache.clear()
 
 
-def replace_convs(network, kernel_sizes=(3,), strides=(1, 2), num_heads=4, kernel_att=7, kernel_conv=None,
-                  shift_impl="learnable", rate_mode="learnable", rates=(0.5, 0.5), attention_impl="auto",
-                  select=None, init="paper", init_tolerance=0.1, dry_run=False):
+def replace_convs(network: nn.Cell, kernel_sizes: Sequence[int] = (3,), strides: Sequence[int] = (1, 2),
+                  num_heads: int = 4, kernel_att: int = 7, kernel_conv: Optional[int] = None,
+                  shift_impl: str = "learnable", rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5),
+                  attention_impl: str = "auto", select: Optional[Callable[[str, nn.Conv2d], bool]] = None,
+                  init: str = "paper", init_tolerance: float = 0.1, dry_run: bool = False) -> ReplacementReport:
     """Replace the selected k x k ``nn.Conv2d`` layers of ``network`` by ``ACmixLocal``; returns a report.
 
     Args:

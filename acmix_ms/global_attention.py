@@ -6,7 +6,9 @@ docs/): q is full resolution; the reduced k and v are nearest-upsampled back to 
 adds only the light fc and the group conv. Prefix tokens (PVT's cls token) receive only
 ``rate1 * attention``.
 """
-from mindspore import nn, ops
+from typing import Sequence
+
+from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
 from .validation import check_divisible, check_positive_int
@@ -23,9 +25,10 @@ class ACmixGlobal(ACmixBase):
     Inputs: x (B, P + H*W, C), H, W. Outputs: (B, P + H*W, C).
     """
 
-    def __init__(self, dim, num_heads, sr_ratio=1, kernel_conv=3, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
-                 num_prefix_tokens=0, fc_bias=True, shift_impl="learnable", rate_mode="learnable",
-                 rates=(0.5, 0.5), norm_eps=1e-6):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, kernel_conv: int = 3, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, num_prefix_tokens: int = 0, fc_bias: bool = True,
+                 shift_impl: str = "learnable", rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5),
+                 norm_eps: float = 1e-6):
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
         head_dim = check_divisible("dim", dim, "num_heads", num_heads)
@@ -53,7 +56,7 @@ class ACmixGlobal(ACmixBase):
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x, height, width):
+    def construct(self, x: Tensor, height: int, width: int) -> Tensor:
         if x.ndim != 3:
             raise ValueError(f"ACmixGlobal expects a 3-D (B, L, C) input, got {x.ndim}-D")
         batch, length, _ = x.shape

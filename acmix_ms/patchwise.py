@@ -6,7 +6,9 @@ reflection-padded values; value channel c uses weight channel c mod (mid / share
 Conv path (no official code; proposal in docs/): q (rel channels), k (rel) and v (mid) form
 2 + mid/rel groups of width d = rel for the fc; the group conv maps them to mid channels.
 """
-from mindspore import nn, ops
+from typing import Sequence
+
+from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
 from .spatial import check_reflect_pad, neighbourhood_slices
@@ -25,8 +27,9 @@ class ACmixPatchwise(ACmixBase):
     Inputs: (B, Cin, H, W). Outputs: (B, mid, H, W) (stride 1: SAN downsamples by pooling).
     """
 
-    def __init__(self, in_channels, rel_channels, mid_channels, share_planes=8, kernel_att=7, kernel_conv=3,
-                 fc_bias=True, shift_impl="learnable", rate_mode="learnable", rates=(0.5, 0.5)):
+    def __init__(self, in_channels: int, rel_channels: int, mid_channels: int, share_planes: int = 8,
+                 kernel_att: int = 7, kernel_conv: int = 3, fc_bias: bool = True, shift_impl: str = "learnable",
+                 rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5)):
         check_positive_int("in_channels", in_channels)
         check_positive_int("rel_channels", rel_channels)
         check_positive_int("share_planes", share_planes)
@@ -50,7 +53,7 @@ class ACmixPatchwise(ACmixBase):
                 nn.BatchNorm2d(self.weight_channels), nn.ReLU(),
                 nn.Conv2d(self.weight_channels, k2 * self.weight_channels, 1, has_bias=True))
 
-    def construct(self, x):
+    def construct(self, x: Tensor) -> Tensor:
         if x.ndim != 4:
             raise ValueError(f"ACmixPatchwise expects a 4-D (B, C, H, W) input, got {x.ndim}-D")
         batch, _, height, width = x.shape

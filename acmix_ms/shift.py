@@ -25,7 +25,7 @@ from .validation import check_choice, check_divisible, check_odd, check_positive
 SHIFT_IMPLS = ("tensor", "fixed", "learnable", "random")
 
 
-def shift_kernels(out_channels, kernel_size):
+def shift_kernels(out_channels: int, kernel_size: int) -> np.ndarray:
     """One-hot shift kernels, (out_channels, k*k, k, k): kernel[o, p] picks position p = u*k + v."""
     k2 = kernel_size * kernel_size
     kernels = np.zeros((out_channels, k2, kernel_size, kernel_size), np.float32)
@@ -48,7 +48,7 @@ class ShiftConv(nn.Cell):
     Outputs: (B, out_channels, ceil(H/stride), ceil(W/stride)) with channel o = j*(out_channels/d) + m.
     """
 
-    def __init__(self, head_dim, kernel_size, out_channels, impl="learnable", stride=1):
+    def __init__(self, head_dim: int, kernel_size: int, out_channels: int, impl: str = "learnable", stride: int = 1):
         super().__init__()
         check_positive_int("head_dim", head_dim)
         check_odd("kernel_size", kernel_size)
@@ -73,7 +73,7 @@ class ShiftConv(nn.Cell):
             init = Tensor(shift_kernels(out_channels, kernel_size))
         self.weight = Parameter(init, name="weight", requires_grad=impl != "fixed")
 
-    def construct(self, x):
+    def construct(self, x: Tensor) -> Tensor:
         if x.ndim != 4:
             raise ValueError(f"ShiftConv expects a 4-D (B, d*k*k, H, W) input, got {x.ndim}-D")
         if self.impl == "tensor":

@@ -10,6 +10,8 @@ cyclically shifted map, so in shifted blocks it wraps around the image border an
 inside the image. ``False`` runs it on the un-shifted map (plain zero padding), the cleaner choice
 for training from scratch.
 """
+from typing import Sequence
+
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
@@ -17,6 +19,7 @@ from mindspore.ops import constexpr
 from mindspore.common.initializer import initializer, TruncatedNormal
 
 from .base import ACmixBase
+from .constants import INIT_STD
 from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
@@ -138,9 +141,10 @@ class ACmixWindow(ACmixBase):
     Outputs: (B, H, W, C).
     """
 
-    def __init__(self, dim, num_heads, window_size=7, shift_size=0, kernel_conv=3, qkv_bias=True, attn_drop=0.0,
-                 proj_drop=0.0, conv_on_shifted_map=True, fc_bias=True, shift_impl="learnable",
-                 rate_mode="learnable", rates=(0.5, 0.5)):
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, kernel_conv: int = 3,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 conv_on_shifted_map: bool = True, fc_bias: bool = True, shift_impl: str = "learnable",
+                 rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5)):
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
         head_dim = check_divisible("dim", dim, "num_heads", num_heads)
@@ -157,7 +161,7 @@ class ACmixWindow(ACmixBase):
         self.scale = head_dim ** -0.5
         self.qkv = nn.Dense(dim, 3 * dim, has_bias=qkv_bias)
         if self.has_attention:
-            table = initializer(TruncatedNormal(0.02), ((2 * window_size - 1) ** 2, num_heads), ms.float32)
+            table = initializer(TruncatedNormal(INIT_STD), ((2 * window_size - 1) ** 2, num_heads), ms.float32)
             self.relative_position_bias_table = Parameter(table, name="relative_position_bias_table")
             self.relative_position_index = Tensor(relative_position_index(window_size).reshape(-1))
             self.proj = nn.Dense(dim, dim)
@@ -166,7 +170,7 @@ class ACmixWindow(ACmixBase):
         self.permute = TokenPermutation()
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
 
-    def construct(self, x):
+    def construct(self, x: Tensor) -> Tensor:
         if x.ndim != 4:
             raise ValueError(f"ACmixWindow expects a 4-D (B, H, W, C) input, got {x.ndim}-D")
         batch, height, width, _ = x.shape

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.common import environment, environment_markdown, summarize  # noqa: E402
 from benchmarks.harness import (ModelSpec, add_measurement_arguments, baseline_of,  # noqa: E402,F401
-                                build_spec_model as build_model, check_measurement_arguments, engine_train_step,
+                                build_spec_model, check_measurement_arguments, engine_train_step,
                                 escape_cell, expand_specs, find_pairs, format_ms, format_ratio, format_value, speed_ratio,
                                 images_per_second, pair_table, random_batch, round_ratios,
                                 set_graph_mode, shift_groups, timed, worker_main, run_worker, write_text)
@@ -57,7 +57,7 @@ def measure(task):
     device = set_graph_mode(task.get("device_target"))
     spec = ModelSpec(task["model"], task["overrides"])
     start = time.perf_counter()
-    model = build_model(spec, task["image_size"], task["num_classes"], task["in_chans"])
+    model = build_spec_model(spec, task["image_size"], task["num_classes"], task["in_chans"])
     images, labels = random_batch(task["batch"], task["image_size"], task["in_chans"], task["num_classes"])
     result = {"params": count_params(model), "device_target": device}
     timing = (task["warmup"], task["repeats"], task["max_seconds"])

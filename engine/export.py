@@ -133,8 +133,8 @@ def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     stages.next(f"compiling and running the network on a {shape} sample")
     reference = as_arrays(model(ms.Tensor(sample)))
     if not all(np.isfinite(item).all() for item in reference):
-        raise ExportError(f"the network's own output on the sample holds NaN or inf: its weights are broken "
-                          f"(diverged training?); nothing was exported")
+        raise ExportError("the network's own output on the sample holds NaN or inf: its weights are broken "
+                          "(diverged training?); nothing was exported")
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=".export-", dir=folder)

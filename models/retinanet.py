@@ -26,7 +26,7 @@ import math
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common.initializer import HeUniform, Normal, XavierUniform, initializer
+from mindspore.common.initializer import Normal, XavierUniform, initializer
 
 from .boxes import as_hw, box_iou, decode_boxes, encode_boxes, generate_anchors
 from .registry import create_model, register_model

@@ -1,7 +1,7 @@
 """Independent NumPy references of every ACmix computation, written for the tests.
 
-Written from the paper (Eqs. 1-8, 13, 18-20), the notes on the official code
-(``shared/reference/official-acmix.md`` §1, §3) and ``docs/design.md`` only, never from ``acmix_ms``.
+Written from the paper (Eqs. 1-8, 13, 18-20), the behaviour of the official code (github.com/LeapLabTHU/ACmix)
+and ``docs/design.md`` only, never from ``acmix_ms``.
 Everything runs in float64 with explicit loops where the indexing is the point; it is meant for tiny shapes.
 
 Conventions shared by all modes (kept from the official code, see design.md):

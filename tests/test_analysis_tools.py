@@ -159,11 +159,11 @@ def test_plan_adds_baselines_and_shift_variants():
 
 def test_models_taking_img_size_are_built_for_the_image_size():
     spec = ModelSpec("swin_tiny", dict(TINY_SWIN, window_size=4))
-    swin = bench_models.build_model(spec, image_size=12, num_classes=3)
+    swin = bench_models.build_spec_model(spec, image_size=12, num_classes=3)
     # stage maps of a 12 px input: 6 px (window 4) and 3 px (window shrunk to the map: built for 12 px;
     # with the default img_size=224 the second stage would be 56 px with window 4)
     assert [stage.window_size for stage in swin.layers] == [4, 3]
-    resnet = bench_models.build_model(ModelSpec("resnet_tiny"), image_size=12, num_classes=3)  # takes no img_size
+    resnet = bench_models.build_spec_model(ModelSpec("resnet_tiny"), image_size=12, num_classes=3)  # takes no img_size
     assert [c for _, c in resnet.cells_and_names() if isinstance(c, nn.Dense)][-1].out_channels == 3
 
 

@@ -1,8 +1,9 @@
 """PyTorch re-implementation of the OFFICIAL ACmix networks' behaviour, for parity tests of the converter.
 
-Written for the tests from the documented behaviour (../shared/reference/official-acmix.md, §1-2), not
-copied from the official code. Module and parameter names follow the official state_dict keys, so
-``state_dict()`` of these modules is an official-layout checkpoint. Requires torch (the `torch-tests` extra).
+Written for the tests from the documented behaviour of the official code (github.com/LeapLabTHU/ACmix;
+its layouts are summarised in docs/design.md and docs/converting_official_weights.md), not copied from
+it. Module and parameter names follow the official state_dict keys, so ``state_dict()`` of these modules
+is an official-layout checkpoint. Requires torch (the `torch-tests` extra).
 """
 import math
 
