@@ -63,6 +63,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["resnet_tiny"])
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--image_sizes", type=int, nargs="+", default=[28, 32])
+    parser.add_argument("--in_chans", type=int, default=3, choices=(1, 3),
+                        help="image channels of the models' input (the full demo recipe: 1)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images", type=int, default=512,
                         help="training images per configuration and round (steps = images / batch, at least 1): "
@@ -97,10 +99,10 @@ def main(argv=None):
         for model_name in args.models:
             for size in args.image_sizes:
                 for batch in args.batch_sizes:
-                    model = build_spec_model(ModelSpec(model_name), size, num_classes=10)
+                    model = build_spec_model(ModelSpec(model_name), size, num_classes=10, in_chans=args.in_chans)
                     model.set_train(True)
                     step = engine_train_step(model, "adamw")
-                    inputs = random_batch(batch, size, num_classes=10)
+                    inputs = random_batch(batch, size, args.in_chans, num_classes=10)
                     step(*inputs)  # compile
 
                     def run(step=step, inputs=inputs, batch=batch):

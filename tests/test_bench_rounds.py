@@ -37,3 +37,12 @@ def test_rounds_pool_times_and_give_per_round_ratios():
 def test_rounds_must_be_positive():
     with pytest.raises(ValueError, match="--rounds"):
         bench_models.parse_args(["--models", "resnet_tiny", "--rounds", "0"])
+
+
+def test_bench_demo_trains_one_channel_models(capsys):
+    """benchmarks/bench_demo.py --in_chans 1 (the full demo recipe's grey input): one round of the compiled step."""
+    from benchmarks import bench_demo
+    assert bench_demo.main(["--no_data", "--models", "resnet_tiny", "--batch_sizes", "2", "--image_sizes", "20",
+                            "--rounds", "1", "--images", "2", "--in_chans", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| train step resnet_tiny 20px batch 2 |" in out

@@ -4,7 +4,7 @@ images, the official 10,000 test images) with the same budget and several seeds,
 top-1, throughput and the learned rates.
 
 Every variant is trained by the project's engine (``engine.trainer.Trainer``, the code behind train.py)
-from the main job's recipe (``configs/demo_fashion_mnist_full.yaml``: IDX data in memory, 28 px grey, batch
+from the main job's recipe (``configs/demo_fashion_mnist_full.yaml``: IDX data in memory, 20 px grey, no augmentation, batch
 128, AdamW, warm-up + cosine, label smoothing) with the family's recipe changes below, the same data,
 epochs and batch size, seeds 0, 1, 2 by default; only the model options differ. Variants:
 
