@@ -327,7 +327,9 @@ def test_ablation_defaults_full_data_three_seeds():
     from tools.prepare_fashion_mnist import DEFAULT_SOURCE
     assert args.data_dir == DEFAULT_SOURCE
     cfg = ablation.run_config(args, "learnable", 1, args.data_dir, "runs/x")
-    assert (cfg.batch_size, cfg.image_size, cfg.in_chans, cfg.seed) == (128, 28, 1, 1)
+    # the main job's recipe (configs/demo_fashion_mnist_full.yaml): 20 px grey, batch 128
+    assert (cfg.batch_size, cfg.image_size, cfg.in_chans, cfg.seed) == (128, 20, 1, 1)
+    assert (cfg.scale, cfg.ratio, cfg.hflip) == ([1.0, 1.0], [1.0, 1.0], 0.0)
     assert "--train_per_class" not in ablation._child_argv(args, "learnable", 1)
 
 
