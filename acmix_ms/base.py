@@ -10,6 +10,7 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
+from .layout import permute
 from .shift import ShiftConv, SHIFT_IMPLS
 from .validation import check_choice, check_odd, check_rates
 
@@ -137,10 +138,10 @@ class ACmixBase(nn.Cell):
         batch, num_groups, head_dim, _ = groups.shape
         if self.shift_impl == "tensor" or self.use_reference_paths:
             maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
-            maps = maps.transpose(0, 2, 1, 3).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
+            maps = permute(maps, (0, 2, 1, 3)).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
             return self.dep_conv(maps)
         # channel j * G + g holds group g of channel j: group j of the convolution sees its G inputs together
-        stacked = groups.transpose(0, 2, 1, 3).reshape(batch, head_dim * num_groups, height, width)
+        stacked = permute(groups, (0, 2, 1, 3)).reshape(batch, head_dim * num_groups, height, width)
         return self.fused_conv(stacked, height, width)
 
     def fused_conv_weight(self, dtype, scale=None):

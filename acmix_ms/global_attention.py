@@ -11,6 +11,7 @@ from typing import Sequence
 from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
+from .layout import permute
 from .validation import check_divisible, check_positive_int
 
 
@@ -76,21 +77,21 @@ class ACmixGlobal(ACmixBase):
         """Tokens for keys/values: (B, L', C), L' = (H/R)(W/R) after reduction, else all L tokens."""
         if self.sr_ratio == 1:
             return x
-        grid = x.transpose(0, 2, 1).reshape(batch, self.dim, height, width)
+        grid = permute(x, (0, 2, 1)).reshape(batch, self.dim, height, width)
         reduced = self.sr(grid)
-        return self.norm(reduced.reshape(batch, self.dim, -1).transpose(0, 2, 1))
+        return self.norm(permute(reduced.reshape(batch, self.dim, -1), (0, 2, 1)))
 
     def _attention(self, query, key_value, batch, length):
         key, value = ops.split(key_value, self.dim, -1)  # (B, L', C) each; no slicing of a transposed tensor
         query = self._heads(query) * self.scale  # (B, N, L, d)
         logits = self.matmul_qk(query, self._heads(key))  # (B, N, L, L')
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = ops.matmul(weights, self._heads(value)).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+        out = permute(ops.matmul(weights, self._heads(value)), (0, 2, 1, 3)).reshape(batch, length, self.dim)
         return self.proj(out)
 
     def _heads(self, x):
         """(B, L, C) -> (B, N, L, d)."""
-        return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return permute(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim), (0, 2, 1, 3))
 
     def _conv(self, query, key_value, batch, height, width):
         """Conv path on the H*W patch tokens -> (B, L, C); prefix tokens get zeros."""
@@ -100,14 +101,14 @@ class ACmixGlobal(ACmixBase):
         # channel-major (B, 3C, H*W) directly: channel t*C + n*d + j = group g (t*N + n), width j
         if self.sr_ratio > 1:
             reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
-            grid = key_value.transpose(0, 2, 1).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
+            grid = permute(key_value, (0, 2, 1)).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
             grid = ops.interpolate(grid, size=(height, width), mode="nearest")
-            stacked = ops.concat((query.transpose(0, 2, 1), grid.reshape(batch, 2 * self.dim, height * width)), 1)
+            stacked = ops.concat((permute(query, (0, 2, 1)), grid.reshape(batch, 2 * self.dim, height * width)), 1)
         else:
-            stacked = ops.concat((query, key_value), -1).transpose(0, 2, 1)
+            stacked = permute(ops.concat((query, key_value), -1), (0, 2, 1))
         groups = stacked.reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
-        out = out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
+        out = permute(out.reshape(batch, self.dim, height * width), (0, 2, 1))
         if prefix > 0:
             out = ops.concat((ops.zeros((batch, prefix, self.dim), out.dtype), out), 1)
         return out

@@ -20,6 +20,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal
 
 from .base import ACmixBase
 from .constants import INIT_STD
+from .layout import permute
 from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
@@ -205,9 +206,9 @@ class ACmixWindow(ACmixBase):
 
     def _conv_map(self, tokens, batch, height, width):
         """(B, H*W, 3C) -> conv path -> (B, H*W, C)."""
-        groups = tokens.transpose(0, 2, 1).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
+        groups = permute(tokens, (0, 2, 1)).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
-        return out.reshape(batch, self.dim, height * width).transpose(0, 2, 1)
+        return permute(out.reshape(batch, self.dim, height * width), (0, 2, 1))
 
     def _attention(self, tokens, order, order_inv, mask, batch):
         """Windowed multi-head attention of (B, H*W, 3C) map-order tokens -> (B, H*W, C) in map order.
@@ -223,7 +224,7 @@ class ACmixWindow(ACmixBase):
         query = self._heads(query) * self.scale  # (B*nW, N, w*w, d)
         logits = self.matmul_qk(query, self._heads(key))
         bias = ops.gather(self.relative_position_bias_table, self.relative_position_index, 0)
-        bias = ops.cast(bias.reshape(w2, w2, self.num_heads).transpose(2, 0, 1), logits.dtype)  # (N, w*w, w*w)
+        bias = ops.cast(permute(bias.reshape(w2, w2, self.num_heads), (2, 0, 1)), logits.dtype)  # (N, w*w, w*w)
         # explicit broadcasts: an implicitly broadcasting Add keeps ~4x its output alive on CPU (docs/benchmarks.md)
         if mask is not None:
             num_windows = mask.shape[0]
@@ -233,7 +234,7 @@ class ACmixWindow(ACmixBase):
         else:
             logits = logits + ops.broadcast_to(bias, logits.shape)
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = ops.matmul(weights, self._heads(value)).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+        out = permute(ops.matmul(weights, self._heads(value)), (0, 2, 1, 3)).reshape(batch, length, self.dim)
         out = self.proj(out)
         if order is not None:
             out = self.permute(out, order_inv, order)
@@ -241,7 +242,7 @@ class ACmixWindow(ACmixBase):
 
     def _heads(self, x):
         """(B*nW, w*w, C) -> (B*nW, N, w*w, d)."""
-        return x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        return permute(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim), (0, 2, 1, 3))
 
     def aggregation_macs(self, height, width):
         """MACs of q.k and A.v at input size H x W (padded to the window)."""

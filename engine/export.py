@@ -107,6 +107,7 @@ def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     from .config import ConfigError
     from .logger import StageProgress
     from .runtime import check_positive_arguments, check_writable_folder, setup_context
+    from acmix_ms.layout import portable_permutes
     check_positive_arguments(args, "batch_size", "image_size", "num_classes")
     if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
         raise ConfigError(f"--atol and --rtol must be finite, got {args.atol} and {args.rtol}")
@@ -142,7 +143,8 @@ def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     try:
         stages.next(f"writing {args.format}")
         try:
-            ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
+            with portable_permutes():  # plain Transpose in the file (CPU runs use views: acmix_ms/layout.py)
+                ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
         except Exception as err:  # MindSpore raises RuntimeError/TypeError for unsupported operators
             hint = f" MindSpore cannot export some operators to ONNX ({ONNX_GAPS}); MINDIR supports all." \
                 if args.format == "ONNX" else ""

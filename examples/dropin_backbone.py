@@ -178,6 +178,7 @@ def export_and_check(network, sample, path):
     """Export to MINDIR (temp name, renamed when verified); returns max |exported - network| on ``sample``."""
     import mindspore as ms
     import acmix_ms
+    from acmix_ms.layout import portable_permutes
     switched = acmix_ms.set_attention_impl(network, "unfold", only_kernels=True)
     if switched:
         print(f"export: {switched} attention layer(s) switched from the device kernel to 'unfold' "
@@ -187,7 +188,8 @@ def export_and_check(network, sample, path):
         print(f"export: {conv} conv path(s) switched from the device kernel to standard operators")
     expected = network(ms.Tensor(sample)).asnumpy()
     temp_base = path[:-len(".mindir")] + ".tmp"
-    ms.export(network, ms.Tensor(sample), file_name=temp_base, file_format="MINDIR")
+    with portable_permutes():  # plain Transpose in the file
+        ms.export(network, ms.Tensor(sample), file_name=temp_base, file_format="MINDIR")
     exported = ms.nn.GraphCell(ms.load(temp_base + ".mindir"))(ms.Tensor(sample)).asnumpy()
     difference = float(np.abs(exported - expected).max())
     if difference <= 1e-4 + 1e-4 * float(np.abs(expected).max()):

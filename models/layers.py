@@ -21,6 +21,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 
 from acmix_ms.constants import INIT_STD
+from acmix_ms.layout import permute
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
 
@@ -122,7 +123,7 @@ class PatchEmbed(nn.Cell):
             _, _, height, width = x.shape
             p = self.patch_size
             x = pad_bottom_right(x, (p - height % p) % p, (p - width % p) % p, channels_last=False)
-        return self.norm(self.proj(x).transpose(0, 2, 3, 1))
+        return self.norm(permute(self.proj(x), (0, 2, 3, 1)))
 
 
 class DropPath(nn.Cell):

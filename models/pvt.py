@@ -22,6 +22,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal
 
 from acmix_ms import ACmixGlobal
 from acmix_ms.constants import INIT_STD
+from acmix_ms.layout import permute
 from acmix_ms.validation import check_positive_int
 from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
                      check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
@@ -128,9 +129,9 @@ class PyramidVisionTransformer(StagedBackbone):
         if grid_h == height and grid_w == width:
             return pos_embed
         channels = pos_embed.shape[-1]
-        grid = pos_embed.reshape(1, grid_h, grid_w, channels).transpose(0, 3, 1, 2)
+        grid = permute(pos_embed.reshape(1, grid_h, grid_w, channels), (0, 3, 1, 2))
         grid = ops.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        return grid.reshape(1, channels, height * width).transpose(0, 2, 1)
+        return permute(grid.reshape(1, channels, height * width), (0, 2, 1))
 
     def _stage(self, x, stage, patch_embed, pos_embed, pos_drop, blocks):
         """One stage: (B, C_in, H_in, W_in) -> tokens (B, P + H*W, C) and (H, W)."""
@@ -156,7 +157,7 @@ class PyramidVisionTransformer(StagedBackbone):
     def _to_map(tokens, height, width):
         """Patch tokens (B, H*W, C) -> (B, C, H, W)."""
         batch, _, channels = tokens.shape
-        return tokens.reshape(batch, height, width, channels).transpose(0, 3, 1, 2)
+        return permute(tokens.reshape(batch, height, width, channels), (0, 3, 1, 2))
 
     def _stages(self, x):
         """Token outputs of the four stages, as ((tokens, H, W), ...)."""

@@ -28,6 +28,8 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, initializer
 
+from acmix_ms.layout import permute
+
 from .boxes import as_hw, box_iou, decode_boxes, encode_boxes, generate_anchors
 from .registry import create_model, register_model
 
@@ -88,7 +90,7 @@ class RetinaHead(nn.Cell):
 
     def _flatten(self, x, width):
         batch = x.shape[0]
-        return x.transpose(0, 2, 3, 1).reshape(batch, -1, width)
+        return permute(x, (0, 2, 3, 1)).reshape(batch, -1, width)
 
     def construct(self, features):
         logits, deltas = (), ()

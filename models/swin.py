@@ -20,6 +20,7 @@ path runs on the cyclically shifted map (see ``acmix_ms.window``); False runs it
 from mindspore import nn
 
 from acmix_ms import ACmixWindow
+from acmix_ms.layout import permute
 from acmix_ms.validation import check_choice, check_odd, check_positive_int
 from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
                      check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
@@ -46,7 +47,7 @@ class PatchMerging(nn.Cell):
         x = pad_bottom_right(x, height % 2, width % 2, channels_last=True)
         rows, cols = (height + 1) // 2, (width + 1) // 2
         # reshape + transpose instead of x[:, r::2, c::2]: the gradient of step-2 slicing fails on CPU
-        x = x.reshape(batch, rows, 2, cols, 2, channels).transpose(0, 1, 3, 4, 2, 5)  # (B, h, w, col, row, C)
+        x = permute(x.reshape(batch, rows, 2, cols, 2, channels), (0, 1, 3, 4, 2, 5))  # (B, h, w, col, row, C)
         return self.reduction(self.norm(x.reshape(batch, rows, cols, 4 * channels)))
 
 
@@ -63,7 +64,7 @@ class ConvTokenMixer(nn.Cell):
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
 
     def construct(self, x):
-        return self.proj_drop(self.conv(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1))
+        return self.proj_drop(permute(self.conv(permute(x, (0, 3, 1, 2))), (0, 2, 3, 1)))
 
 
 class SwinBlock(nn.Cell):
@@ -196,11 +197,11 @@ class SwinTransformer(StagedBackbone):
         return outputs
 
     def _stage_map(self, output):
-        return output.transpose(0, 3, 1, 2)
+        return permute(output, (0, 3, 1, 2))
 
     def forward_features(self, x):
         """(B, Cin, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), after the final LayerNorm."""
-        return self.norm(self._stages(x)[-1]).transpose(0, 3, 1, 2)
+        return permute(self.norm(self._stages(x)[-1]), (0, 3, 1, 2))
 
     def forward_head(self, x):
         """(B, C, H, W) -> global average pool -> head -> (B, num_classes) (pooled (B, C) if no head)."""
