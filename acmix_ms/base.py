@@ -10,7 +10,7 @@ from typing import Sequence
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from .layout import permute
+from .layout import Permute
 from .shift import ShiftConv, SHIFT_IMPLS
 from .validation import check_choice, check_odd, check_rates
 
@@ -101,6 +101,7 @@ class ACmixBase(nn.Cell):
             k2 = kernel_conv * kernel_conv
             self.fc = nn.Conv2d(num_groups, k2, 1, has_bias=fc_bias)
             self.dep_conv = ShiftConv(head_dim, kernel_conv, out_channels, shift_impl, stride)
+            self.swap_groups = Permute((0, 2, 1, 3))  # (B, G, d, HW) <-> (B, d, G, HW)
             if shift_impl != "tensor":  # the fc and the shift conv run as one group conv (fused_conv)
                 self._group_conv_args = (head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
                 self.group_conv = group_conv(*self._group_conv_args)
@@ -138,10 +139,10 @@ class ACmixBase(nn.Cell):
         batch, num_groups, head_dim, _ = groups.shape
         if self.shift_impl == "tensor" or self.use_reference_paths:
             maps = self.fc(groups)  # (B, k*k, d, HW): one fc per pixel and channel over the G groups
-            maps = permute(maps, (0, 2, 1, 3)).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
+            maps = self.swap_groups(maps).reshape(batch, head_dim * self.kernel_conv ** 2, height, width)
             return self.dep_conv(maps)
         # channel j * G + g holds group g of channel j: group j of the convolution sees its G inputs together
-        stacked = permute(groups, (0, 2, 1, 3)).reshape(batch, head_dim * num_groups, height, width)
+        stacked = self.swap_groups(groups).reshape(batch, head_dim * num_groups, height, width)
         return self.fused_conv(stacked, height, width)
 
     def fused_conv_weight(self, dtype, scale=None):

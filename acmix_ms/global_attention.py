@@ -11,7 +11,7 @@ from typing import Sequence
 from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
-from .layout import permute
+from .layout import Permute
 from .validation import check_divisible, check_positive_int
 
 
@@ -56,6 +56,8 @@ class ACmixGlobal(ACmixBase):
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
+        self.swap_tokens = Permute((0, 2, 1))  # (B, L, C) <-> (B, C, L)
+        self.swap_heads = Permute((0, 2, 1, 3))  # (B, L, N, d) <-> (B, N, L, d)
 
     def construct(self, x: Tensor, height: int, width: int) -> Tensor:
         if x.ndim != 3:
@@ -77,21 +79,21 @@ class ACmixGlobal(ACmixBase):
         """Tokens for keys/values: (B, L', C), L' = (H/R)(W/R) after reduction, else all L tokens."""
         if self.sr_ratio == 1:
             return x
-        grid = permute(x, (0, 2, 1)).reshape(batch, self.dim, height, width)
+        grid = self.swap_tokens(x).reshape(batch, self.dim, height, width)
         reduced = self.sr(grid)
-        return self.norm(permute(reduced.reshape(batch, self.dim, -1), (0, 2, 1)))
+        return self.norm(self.swap_tokens(reduced.reshape(batch, self.dim, -1)))
 
     def _attention(self, query, key_value, batch, length):
         key, value = ops.split(key_value, self.dim, -1)  # (B, L', C) each; no slicing of a transposed tensor
         query = self._heads(query) * self.scale  # (B, N, L, d)
         logits = self.matmul_qk(query, self._heads(key))  # (B, N, L, L')
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = permute(ops.matmul(weights, self._heads(value)), (0, 2, 1, 3)).reshape(batch, length, self.dim)
+        out = self.swap_heads(ops.matmul(weights, self._heads(value))).reshape(batch, length, self.dim)
         return self.proj(out)
 
     def _heads(self, x):
         """(B, L, C) -> (B, N, L, d)."""
-        return permute(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim), (0, 2, 1, 3))
+        return self.swap_heads(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim))
 
     def _conv(self, query, key_value, batch, height, width):
         """Conv path on the H*W patch tokens -> (B, L, C); prefix tokens get zeros."""
@@ -101,14 +103,14 @@ class ACmixGlobal(ACmixBase):
         # channel-major (B, 3C, H*W) directly: channel t*C + n*d + j = group g (t*N + n), width j
         if self.sr_ratio > 1:
             reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
-            grid = permute(key_value, (0, 2, 1)).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
+            grid = self.swap_tokens(key_value).reshape(batch, 2 * self.dim, reduced_h, reduced_w)
             grid = ops.interpolate(grid, size=(height, width), mode="nearest")
-            stacked = ops.concat((permute(query, (0, 2, 1)), grid.reshape(batch, 2 * self.dim, height * width)), 1)
+            stacked = ops.concat((self.swap_tokens(query), grid.reshape(batch, 2 * self.dim, height * width)), 1)
         else:
-            stacked = permute(ops.concat((query, key_value), -1), (0, 2, 1))
+            stacked = self.swap_tokens(ops.concat((query, key_value), -1))
         groups = stacked.reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
-        out = permute(out.reshape(batch, self.dim, height * width), (0, 2, 1))
+        out = self.swap_tokens(out.reshape(batch, self.dim, height * width))
         if prefix > 0:
             out = ops.concat((ops.zeros((batch, prefix, self.dim), out.dtype), out), 1)
         return out

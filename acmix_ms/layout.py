@@ -1,55 +1,68 @@
-"""Axis permutations of activations: ``permute(x, dims)``, one place that decides how a graph transposes.
+"""Axis permutations of activations: the ``Permute`` Cell, one place that decides how a network transposes.
 
-On CPU (MindSpore 2.8, graph mode) the memory of a ``Transpose`` result is not reused by the ops after it:
-a stack of 6 stage-1-sized layers (batch 8, (3136, 288) tokens, transpose there and back) rises by 826 MiB
-in inference and 1658 MiB forward+backward, against 163 / 268 MiB with ``mint.permute`` (a
-``TransposeView``), with the same values and gradients; Swin-ACmix-T's batch-8 inference peak falls from
-2.2 GB to 1.0 GB (docs/benchmarks.md, "Transposes that were never freed"). So ``permute`` is a view on CPU.
+Why a Cell and a kernel: on CPU (MindSpore 2.8, graph mode) the memory of a ``Transpose`` is never returned to
+the graph's pool while the graph runs: a stack of 6 stage-1-sized layers (batch 8, (3136, 288) tokens,
+transposed there and back) rises by 821 MiB in inference with ``ops.transpose`` against 128 MiB with the C++
+kernel ``acmix_ms.kernels.transformer_cpu.CpuPermute`` (same values, bit for bit, and no slower);
+``mint.permute`` (a view) frees its memory too but made Swin-ACmix-T 1.6x slower. Numbers and commands:
+docs/benchmarks.md, "Transposes that were never freed".
 
-Elsewhere (GPU, Ascend: not measured) and inside ``portable_permutes()`` it is the plain ``Transpose``
-primitive: exported graphs (MINDIR for MindSpore Lite / Ascend inference) keep the operator every
-converter knows. The choice is read when a graph is compiled, so it applies to graphs compiled after it
-changes.
+``Permute`` runs the kernel on the CPU backend for float32 inputs and ``ops.transpose`` elsewhere (GPU, Ascend:
+not measured there), for other dtypes, when the kernel cannot be built (warning), and after
+``set_permute_kernels(net, False)`` — which every export path calls, so files hold the plain ``Transpose``.
 """
-import contextlib
+import warnings
 from typing import Optional, Sequence
 
 import mindspore as ms
-from mindspore import mint, ops
-from mindspore.ops import constexpr
-
-# None: views on CPU only (the device target when the graph is compiled); True / False: always / never
-_STATE = {"views": None}
+from mindspore import nn, ops
 
 
-@constexpr
-def _use_views() -> bool:
-    choice = _STATE["views"]
-    return ms.get_context("device_target") == "CPU" if choice is None else bool(choice)
+def check_permutation(dims: Sequence[int]) -> tuple:
+    """``dims`` as a tuple of ints, if it is a permutation of 0 .. len(dims) - 1 (else ValueError)."""
+    dims = tuple(int(d) for d in dims)
+    if sorted(dims) != list(range(len(dims))):
+        raise ValueError(f"dims must be a permutation of 0 .. {len(dims) - 1}, got {dims}")
+    return dims
 
 
-def permute(x, dims: Sequence[int]):
-    """``x`` with its axes in the order ``dims`` (like ``numpy.transpose``); same values either way."""
-    if _use_views():
-        return mint.permute(x, tuple(dims))
-    return ops.transpose(x, tuple(dims))
+class Permute(nn.Cell):
+    """x -> ``numpy.transpose(x, dims)`` (``x.ndim == len(dims)``); gradient: the inverse permutation.
+
+    Args:
+        dims: the new order of the axes.
+        device_target: the device whose kernel to use; None: the context's ``device_target``.
+    """
+
+    def __init__(self, dims: Sequence[int], device_target: Optional[str] = None):
+        super().__init__()
+        self.dims = check_permutation(dims)
+        self.kernel = None
+        if (device_target or ms.get_context("device_target")) == "CPU" and len(self.dims) <= 8:
+            try:
+                from .kernels.transformer_cpu import CpuPermute  # compiles the C++ at first use
+                self.kernel = CpuPermute(self.dims)
+            except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+                warnings.warn(f"Permute: the CPU kernel is not available ({error}); using ops.transpose")
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x)
+        return ops.transpose(x, self.dims)
+
+    def extend_repr(self):
+        return f"dims={self.dims}, kernel={self.use_kernel}"
 
 
-def set_permute_views(enabled: Optional[bool]) -> Optional[bool]:
-    """Views everywhere (True), nowhere (False) or on CPU only (None, the default); returns the previous
-    setting. Graphs already compiled keep the choice they were compiled with."""
-    if enabled not in (None, True, False):
-        raise ValueError(f"enabled must be None, True or False, got {enabled!r}")
-    previous = _STATE["views"]
-    _STATE["views"] = enabled
-    return previous
-
-
-@contextlib.contextmanager
-def portable_permutes():
-    """Within the block, graphs compile ``permute`` as the plain ``Transpose`` (for export)."""
-    previous = set_permute_views(False)
-    try:
-        yield
-    finally:
-        set_permute_views(previous)
+def set_permute_kernels(network: nn.Cell, enabled: bool) -> int:
+    """Switch the CPU kernel of every ``Permute`` in ``network`` on or off (off: ``ops.transpose``, e.g. for a
+    portable MINDIR). Returns the number of layers that run the kernel afterwards (on) or were switched off
+    (off); layers without a kernel are not counted."""
+    count = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, Permute) and cell.kernel is not None:
+            if cell.use_kernel or enabled:
+                count += 1
+            cell.use_kernel = bool(enabled)
+    return count

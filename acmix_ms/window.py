@@ -20,7 +20,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal
 
 from .base import ACmixBase
 from .constants import INIT_STD
-from .layout import permute
+from .layout import Permute
 from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
@@ -169,6 +169,8 @@ class ACmixWindow(ACmixBase):
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.permute = TokenPermutation()
+        self.swap_tokens = Permute((0, 2, 1))  # (B, L, C) <-> (B, C, L)
+        self.swap_heads = Permute((0, 2, 1, 3))  # (B*nW, w*w, N, d) <-> (B*nW, N, w*w, d)
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -206,9 +208,9 @@ class ACmixWindow(ACmixBase):
 
     def _conv_map(self, tokens, batch, height, width):
         """(B, H*W, 3C) -> conv path -> (B, H*W, C)."""
-        groups = permute(tokens, (0, 2, 1)).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
+        groups = self.swap_tokens(tokens).reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
-        return permute(out.reshape(batch, self.dim, height * width), (0, 2, 1))
+        return self.swap_tokens(out.reshape(batch, self.dim, height * width))
 
     def _attention(self, tokens, order, order_inv, mask, batch):
         """Windowed multi-head attention of (B, H*W, 3C) map-order tokens -> (B, H*W, C) in map order.
@@ -224,7 +226,7 @@ class ACmixWindow(ACmixBase):
         query = self._heads(query) * self.scale  # (B*nW, N, w*w, d)
         logits = self.matmul_qk(query, self._heads(key))
         bias = ops.gather(self.relative_position_bias_table, self.relative_position_index, 0)
-        bias = ops.cast(permute(bias.reshape(w2, w2, self.num_heads), (2, 0, 1)), logits.dtype)  # (N, w*w, w*w)
+        bias = ops.cast(bias.reshape(w2, w2, self.num_heads).transpose(2, 0, 1), logits.dtype)  # (N, w*w, w*w)
         # explicit broadcasts: an implicitly broadcasting Add keeps ~4x its output alive on CPU (docs/benchmarks.md)
         if mask is not None:
             num_windows = mask.shape[0]
@@ -234,7 +236,7 @@ class ACmixWindow(ACmixBase):
         else:
             logits = logits + ops.broadcast_to(bias, logits.shape)
         weights = self.attn_drop(ops.softmax(logits, -1))
-        out = permute(ops.matmul(weights, self._heads(value)), (0, 2, 1, 3)).reshape(batch, length, self.dim)
+        out = self.swap_heads(ops.matmul(weights, self._heads(value))).reshape(batch, length, self.dim)
         out = self.proj(out)
         if order is not None:
             out = self.permute(out, order_inv, order)
@@ -242,7 +244,7 @@ class ACmixWindow(ACmixBase):
 
     def _heads(self, x):
         """(B*nW, w*w, C) -> (B*nW, N, w*w, d)."""
-        return permute(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim), (0, 2, 1, 3))
+        return self.swap_heads(x.reshape(x.shape[0], x.shape[1], self.num_heads, self.head_dim))
 
     def aggregation_macs(self, height, width):
         """MACs of q.k and A.v at input size H x W (padded to the window)."""

@@ -105,13 +105,11 @@ def speed_pair(backbone, image_size, batch, rounds, repeats, mindir=True, log=pr
         log(f"{name} in-process: {rows[name]['network']}")  # kept in the log if a later step fails
     if mindir:
         import gc
-        from acmix_ms.layout import portable_permutes
         graphs, folder, references = {}, tempfile.mkdtemp(prefix="bench-det-"), {}
         for name in names:
             base = os.path.join(folder, name)
             references[name] = _outputs(built[name][1](images))
-            with portable_permutes():
-                ms.export(built[name][1], images, file_name=base, file_format="MINDIR")
+            ms.export(built[name][1], images, file_name=base, file_format="MINDIR")
         built.clear()  # free the in-process networks before loading the graphs (memory of large detectors)
         gc.collect()
         for name in names:

@@ -53,7 +53,6 @@ def measure(task):
         result["params"] = count_params(model)
         np.save(task["reference"], model(images).asnumpy())
         # export a twin: layers running a device kernel switch to standard operators before a first run
-        from acmix_ms.layout import portable_permutes
         from engine.export import make_exportable
         exportable = build_spec_model(ModelSpec(task["model"], task["overrides"]), task["image_size"],
                                  task["num_classes"], task["in_chans"])
@@ -61,8 +60,7 @@ def measure(task):
         exportable.set_train(False)
         result["kernel_layers_switched"] = make_exportable(exportable)
         base = task["mindir"][:-len(".mindir")]
-        with portable_permutes():
-            ms.export(exportable, images, file_name=base, file_format="MINDIR")
+        ms.export(exportable, images, file_name=base, file_format="MINDIR")
         result["file_mib"] = os.path.getsize(task["mindir"]) / 2 ** 20
     elif task["mode"] == "mindir":
         graph = ms.nn.GraphCell(ms.load(task["mindir"]))

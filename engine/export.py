@@ -42,7 +42,11 @@ def make_exportable(model, attention_impl: str = "unfold") -> int:
     if fused:
         print(f"{fused} transformer layer(s) ran a fused CPU kernel: exported with standard operators "
               "(same results)")
-    return switched + conv + fused
+    from acmix_ms.layout import set_permute_kernels
+    permutes = set_permute_kernels(model, False)  # axis permutations (acmix_ms.layout.Permute)
+    if permutes:
+        print(f"{permutes} axis permutation(s) ran a CPU kernel: exported as Transpose (same results)")
+    return switched + conv + fused + permutes
 
 
 def model_and_info(args):
@@ -107,7 +111,6 @@ def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     from .config import ConfigError
     from .logger import StageProgress
     from .runtime import check_positive_arguments, check_writable_folder, setup_context
-    from acmix_ms.layout import portable_permutes
     check_positive_arguments(args, "batch_size", "image_size", "num_classes")
     if not (np.isfinite(args.atol) and np.isfinite(args.rtol)):
         raise ConfigError(f"--atol and --rtol must be finite, got {args.atol} and {args.rtol}")
@@ -143,8 +146,7 @@ def export(args: argparse.Namespace) -> tuple[str, Optional[float]]:
     try:
         stages.next(f"writing {args.format}")
         try:
-            with portable_permutes():  # plain Transpose in the file (CPU runs use views: acmix_ms/layout.py)
-                ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
+            ms.export(model, ms.Tensor(sample), file_name=temp_base, file_format=args.format)
         except Exception as err:  # MindSpore raises RuntimeError/TypeError for unsupported operators
             hint = f" MindSpore cannot export some operators to ONNX ({ONNX_GAPS}); MINDIR supports all." \
                 if args.format == "ONNX" else ""

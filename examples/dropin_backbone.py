@@ -178,7 +178,7 @@ def export_and_check(network, sample, path):
     """Export to MINDIR (temp name, renamed when verified); returns max |exported - network| on ``sample``."""
     import mindspore as ms
     import acmix_ms
-    from acmix_ms.layout import portable_permutes
+    from acmix_ms.layout import set_permute_kernels
     switched = acmix_ms.set_attention_impl(network, "unfold", only_kernels=True)
     if switched:
         print(f"export: {switched} attention layer(s) switched from the device kernel to 'unfold' "
@@ -186,10 +186,10 @@ def export_and_check(network, sample, path):
     conv = acmix_ms.set_conv_path_kernels(network, False)
     if conv:
         print(f"export: {conv} conv path(s) switched from the device kernel to standard operators")
+    set_permute_kernels(network, False)  # axis permutations as the plain Transpose
     expected = network(ms.Tensor(sample)).asnumpy()
     temp_base = path[:-len(".mindir")] + ".tmp"
-    with portable_permutes():  # plain Transpose in the file
-        ms.export(network, ms.Tensor(sample), file_name=temp_base, file_format="MINDIR")
+    ms.export(network, ms.Tensor(sample), file_name=temp_base, file_format="MINDIR")
     exported = ms.nn.GraphCell(ms.load(temp_base + ".mindir"))(ms.Tensor(sample)).asnumpy()
     difference = float(np.abs(exported - expected).max())
     if difference <= 1e-4 + 1e-4 * float(np.abs(expected).max()):

@@ -21,7 +21,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 
 from acmix_ms.constants import INIT_STD
-from acmix_ms.layout import permute
+from acmix_ms.layout import Permute
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
 
@@ -117,13 +117,14 @@ class PatchEmbed(nn.Cell):
         self.pad = bool(pad)
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, pad_mode="valid", has_bias=True)
         self.norm = layer_norm(embed_dim, norm_eps) if patch_norm else nn.Identity()
+        self.to_channels_last = Permute((0, 2, 3, 1))
 
     def construct(self, x):
         if self.pad:
             _, _, height, width = x.shape
             p = self.patch_size
             x = pad_bottom_right(x, (p - height % p) % p, (p - width % p) % p, channels_last=False)
-        return self.norm(permute(self.proj(x), (0, 2, 3, 1)))
+        return self.norm(self.to_channels_last(self.proj(x)))
 
 
 class DropPath(nn.Cell):

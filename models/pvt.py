@@ -22,7 +22,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal
 
 from acmix_ms import ACmixGlobal
 from acmix_ms.constants import INIT_STD
-from acmix_ms.layout import permute
+from acmix_ms.layout import Permute
 from acmix_ms.validation import check_positive_int
 from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
                      check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
@@ -119,6 +119,7 @@ class PyramidVisionTransformer(StagedBackbone):
                                       "reduction": stride})
         self.pos_grids = tuple(self.pos_grids)
         self.norm = layer_norm(self.num_features, norm_eps)
+        self.to_channels_first = Permute((0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
         self.cls_token = Parameter(initializer(TruncatedNormal(INIT_STD), (1, 1, self.num_features)), name="cls_token")
         self.head = nn.Dense(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_transformer_weights(self)
@@ -129,9 +130,9 @@ class PyramidVisionTransformer(StagedBackbone):
         if grid_h == height and grid_w == width:
             return pos_embed
         channels = pos_embed.shape[-1]
-        grid = permute(pos_embed.reshape(1, grid_h, grid_w, channels), (0, 3, 1, 2))
+        grid = pos_embed.reshape(1, grid_h, grid_w, channels).transpose(0, 3, 1, 2)
         grid = ops.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-        return permute(grid.reshape(1, channels, height * width), (0, 2, 1))
+        return grid.reshape(1, channels, height * width).transpose(0, 2, 1)
 
     def _stage(self, x, stage, patch_embed, pos_embed, pos_drop, blocks):
         """One stage: (B, C_in, H_in, W_in) -> tokens (B, P + H*W, C) and (H, W)."""
@@ -153,11 +154,10 @@ class PyramidVisionTransformer(StagedBackbone):
             tokens = block(tokens, height, width)
         return tokens, height, width
 
-    @staticmethod
-    def _to_map(tokens, height, width):
+    def _to_map(self, tokens, height, width):
         """Patch tokens (B, H*W, C) -> (B, C, H, W)."""
         batch, _, channels = tokens.shape
-        return permute(tokens.reshape(batch, height, width, channels), (0, 3, 1, 2))
+        return self.to_channels_first(tokens.reshape(batch, height, width, channels))
 
     def _stages(self, x):
         """Token outputs of the four stages, as ((tokens, H, W), ...)."""

@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, initializer
 
-from acmix_ms.layout import permute
+from acmix_ms.layout import Permute
 
 from .boxes import as_hw, box_iou, decode_boxes, encode_boxes, generate_anchors
 from .registry import create_model, register_model
@@ -87,10 +87,11 @@ class RetinaHead(nn.Cell):
         self.cls_out = _conv(channels, num_anchors * num_classes, 3, weight_init=Normal(0.01),
                              bias_init=initializer(prior_bias, [num_anchors * num_classes]))
         self.box_out = _conv(channels, num_anchors * 4, 3, weight_init=Normal(0.01))
+        self.to_channels_last = Permute((0, 2, 3, 1))  # (B, A*K, H, W) -> (B, H, W, A*K)
 
     def _flatten(self, x, width):
         batch = x.shape[0]
-        return permute(x, (0, 2, 3, 1)).reshape(batch, -1, width)
+        return self.to_channels_last(x).reshape(batch, -1, width)
 
     def construct(self, features):
         logits, deltas = (), ()

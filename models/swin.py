@@ -20,7 +20,7 @@ path runs on the cyclically shifted map (see ``acmix_ms.window``); False runs it
 from mindspore import nn
 
 from acmix_ms import ACmixWindow
-from acmix_ms.layout import permute
+from acmix_ms.layout import Permute
 from acmix_ms.validation import check_choice, check_odd, check_positive_int
 from .layers import (DropPath, Mlp, PatchEmbed, StagedBackbone, build_model_with_cfg, check_num_classes,
                      check_out_indices, check_stage_lists, class_options, drop_path_rates, init_transformer_weights,
@@ -41,13 +41,14 @@ class PatchMerging(nn.Cell):
         super().__init__()
         self.norm = layer_norm(4 * dim, norm_eps)
         self.reduction = nn.Dense(4 * dim, 2 * dim, has_bias=False)
+        self.gather_quads = Permute((0, 1, 3, 4, 2, 5))
 
     def construct(self, x):
         batch, height, width, channels = x.shape
         x = pad_bottom_right(x, height % 2, width % 2, channels_last=True)
         rows, cols = (height + 1) // 2, (width + 1) // 2
         # reshape + transpose instead of x[:, r::2, c::2]: the gradient of step-2 slicing fails on CPU
-        x = permute(x.reshape(batch, rows, 2, cols, 2, channels), (0, 1, 3, 4, 2, 5))  # (B, h, w, col, row, C)
+        x = self.gather_quads(x.reshape(batch, rows, 2, cols, 2, channels))  # (B, h, w, col, row, C)
         return self.reduction(self.norm(x.reshape(batch, rows, cols, 4 * channels)))
 
 
@@ -62,9 +63,10 @@ class ConvTokenMixer(nn.Cell):
         check_odd("kernel_conv", kernel_size)
         self.conv = nn.Conv2d(dim, dim, kernel_size, pad_mode="pad", padding=kernel_size // 2, has_bias=True)
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
+        self.to_channels_first, self.to_channels_last = Permute((0, 3, 1, 2)), Permute((0, 2, 3, 1))
 
     def construct(self, x):
-        return self.proj_drop(permute(self.conv(permute(x, (0, 3, 1, 2))), (0, 2, 3, 1)))
+        return self.proj_drop(self.to_channels_last(self.conv(self.to_channels_first(x))))
 
 
 class SwinBlock(nn.Cell):
@@ -182,6 +184,7 @@ class SwinTransformer(StagedBackbone):
             resolution = (-(-resolution[0] // 2), -(-resolution[1] // 2))
         self.layers = nn.CellList(stages)
         self.norm = layer_norm(self.num_features, norm_eps)
+        self.to_channels_first = Permute((0, 3, 1, 2))  # (B, H, W, C) -> (B, C, H, W)
         self.head = nn.Dense(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_transformer_weights(self)
 
@@ -197,11 +200,11 @@ class SwinTransformer(StagedBackbone):
         return outputs
 
     def _stage_map(self, output):
-        return permute(output, (0, 3, 1, 2))
+        return self.to_channels_first(output)
 
     def forward_features(self, x):
         """(B, Cin, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), after the final LayerNorm."""
-        return permute(self.norm(self._stages(x)[-1]), (0, 3, 1, 2))
+        return self.to_channels_first(self.norm(self._stages(x)[-1]))
 
     def forward_head(self, x):
         """(B, C, H, W) -> global average pool -> head -> (B, num_classes) (pooled (B, C) if no head)."""

@@ -3,8 +3,8 @@
 - The shifted-window token order (one gather = cyclic shift + window partition) and the shifted-map order
   against an explicit NumPy roll / reshape / transpose, and the SW-MSA mask against Swin's slice-built mask.
 - ``TokenPermutation``: forward and its hand-written gradient against NumPy indexing.
-- ``acmix_ms.layout.permute`` (a view on CPU, a plain Transpose elsewhere and in exports): values and gradients
-  against ``numpy.transpose`` in every setting; exported graphs hold no ``TransposeView``.
+- ``acmix_ms.layout.Permute`` (the CPU kernel and ops.transpose): values and gradients against ``numpy.transpose``;
+  exported graphs hold the plain Transpose, not the kernel.
 - A narrow Swin-ACmix (shifted and plain blocks) against the PyTorch re-implementation of the official
   code with converted weights: the gradients of the input and of every parameter both frameworks name
   alike (the backward pass of the whole fast path; the forward is tests/test_convert_models.py).
@@ -17,7 +17,7 @@ import pytest
 
 import mindspore as ms
 
-from acmix_ms.layout import permute, portable_permutes, set_permute_views
+from acmix_ms.layout import Permute, set_permute_kernels
 from acmix_ms.window import (MASK_VALUE, TokenPermutation, inverse_order, shift_token_order,
                              shifted_window_mask, window_token_order)
 
@@ -79,57 +79,63 @@ def test_token_permutation_forward_and_gradient():
 
 
 class _Permuted(ms.nn.Cell):
-    """(x * scale) with its axes in ``dims`` order: a fresh Cell per graph setting."""
+    """(x * scale) with its axes in ``dims`` order, through ``Permute``."""
 
     def __init__(self, dims):
         super().__init__()
-        self.dims = dims
+        self.permute = Permute(dims)
         self.scale = ms.Parameter(ms.Tensor(np.float32(1.5)), name="scale")
 
     def construct(self, x):
-        return permute(x * self.scale, self.dims) + 1.0
+        return self.permute(x * self.scale) + 1.0
 
 
-@pytest.mark.parametrize("views", [None, True, False])
-@pytest.mark.parametrize("dims", [(0, 2, 1), (0, 3, 1, 2), (2, 0, 1, 3)])
-def test_permute_matches_numpy_transpose_with_and_without_views(views, dims):
+# (shape, dims): the inner-axes transpose with a partial tile of 8 rows, row copies, a gather, 5-D/6-D, rank 1
+PERMUTATIONS = [((2, 5, 13), (0, 2, 1)), ((2, 3, 4, 5), (0, 2, 1, 3)), ((3, 4, 5, 2), (2, 0, 1, 3)),
+                ((2, 3, 4, 5), (0, 3, 1, 2)), ((2, 6, 4, 9), (0, 2, 3, 1)), ((1, 2, 2, 3, 2, 4), (0, 1, 3, 4, 2, 5)),
+                ((4, 3, 2, 5, 3), (4, 3, 2, 1, 0)), ((7,), (0,))]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("shape,dims", PERMUTATIONS)
+def test_permute_matches_numpy_transpose(shape, dims, use_kernel):
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 3, 4, 5)[:len(dims)]).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32)
     probe = rng.standard_normal(np.transpose(x, dims).shape).astype(np.float32)
-    previous = set_permute_views(views)
-    try:
-        cell = _Permuted(dims)
-        np.testing.assert_array_equal(cell(ms.Tensor(x)).asnumpy(), np.transpose(x * np.float32(1.5), dims) + 1)
+    cell = _Permuted(dims)
+    assert cell.permute.kernel is not None  # the CPU kernel builds here (g++ is a test requirement)
+    assert set_permute_kernels(cell, use_kernel) == 1
+    np.testing.assert_array_equal(cell(ms.Tensor(x)).asnumpy(), np.transpose(x * np.float32(1.5), dims) + 1)
 
-        def loss(inputs):
-            return (cell(inputs) * ms.Tensor(probe)).sum()
+    def loss(inputs):
+        return (cell(inputs) * ms.Tensor(probe)).sum()
 
-        grad = ms.grad(loss)(ms.Tensor(x)).asnumpy()
-    finally:
-        set_permute_views(previous)
+    grad = ms.grad(loss)(ms.Tensor(x)).asnumpy()
     # d/dx of sum(transpose(1.5 x) * probe) = 1.5 * probe with the axes put back
-    np.testing.assert_allclose(grad, 1.5 * np.transpose(probe, np.argsort(dims)), rtol=1e-6)
+    np.testing.assert_array_equal(grad, np.float32(1.5) * np.transpose(probe, np.argsort(dims)))
 
 
-def test_permute_views_setting_is_checked():
-    with pytest.raises(ValueError, match="enabled must be None, True or False"):
-        set_permute_views("yes")
+def test_permute_checks_dims_and_keeps_other_dtypes():
+    with pytest.raises(ValueError, match="dims must be a permutation of 0 .. 2"):
+        Permute((0, 2, 2))
+    cell = Permute((1, 0))
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)  # not float32: ops.transpose
+    np.testing.assert_array_equal(cell(ms.Tensor(x)).asnumpy(), x.T)
 
 
-def test_exported_graph_keeps_plain_transposes(tmp_path):
-    """On CPU the default graph permutes with views (the memory fix); ``portable_permutes`` (what every export
-    path uses) writes the plain Transpose, and the file reproduces the network."""
+def test_exported_graph_holds_no_permute_kernel(tmp_path):
+    """``make_exportable`` switches every Permute to ops.transpose; the file has no reference to the CPU library
+    and reproduces the network."""
+    from engine.export import make_exportable
     x = ms.Tensor(np.random.default_rng(5).standard_normal((2, 3, 4)).astype(np.float32))
-    with_views = str(tmp_path / "views")
-    ms.export(_Permuted((0, 2, 1)), x, file_name=with_views, file_format="MINDIR")
-    assert b"TransposeView" in open(with_views + ".mindir", "rb").read()
-    cell, portable = _Permuted((0, 2, 1)), str(tmp_path / "portable")
-    with portable_permutes():
-        ms.export(cell, x, file_name=portable, file_format="MINDIR")
-    data = open(portable + ".mindir", "rb").read()
-    assert b"TransposeView" not in data and b"Transpose" in data
-    loaded = ms.nn.GraphCell(ms.load(portable + ".mindir"))
-    np.testing.assert_array_equal(loaded(x).asnumpy(), cell(x).asnumpy())
+    expected = _Permuted((0, 2, 1))(x).asnumpy()  # the kernel's graph
+    cell = _Permuted((0, 2, 1))  # a twin switched before its first run
+    assert make_exportable(cell) == 1 and not cell.permute.use_kernel
+    base = str(tmp_path / "portable")
+    ms.export(cell, x, file_name=base, file_format="MINDIR")
+    data = open(base + ".mindir", "rb").read()
+    assert b"PermuteForward" not in data and b"Transpose" in data
+    np.testing.assert_array_equal(ms.nn.GraphCell(ms.load(base + ".mindir"))(x).asnumpy(), expected)
 
 
 def _probe_loss(layer, probe):

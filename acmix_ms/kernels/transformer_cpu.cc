@@ -16,9 +16,15 @@
 //   xhat = (x - mean) * rstd, g = dy * gamma:
 //   dx = rstd * (g - mean_C(g) - xhat * mean_C(g * xhat)), dgamma = sum_R dy * xhat, dbeta = sum_R dy.
 //
+// Permute: the axes of x (rank <= 8, float32) in the order given by config (int32, one entry per axis), as
+// numpy.transpose. Why: MindSpore 2.8's CPU Transpose never returns its memory to the graph's pool
+// (acmix_ms/layout.py); a Custom op's output is reused like any other.
+// PermuteForward  inputs x, config (rank,) int32 = dims     output y with y.shape[k] = x.shape[dims[k]]
+//
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
 // params = inputs then outputs. Return 0 on success; anything else makes MindSpore raise.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -259,6 +265,70 @@ int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
     dgamma[c] = g;
     dbeta[c] = b;
   }
+  return 0;
+}
+
+// y[i_0, .., i_{r-1}] = x[sum_k i_k * xstride[dims[k]]]. The output is written row by row (its last axis);
+// when that axis is strided in x and the one before it is x's last axis (a transpose of the two inner
+// axes), 8 output rows are filled together so every x cache line read serves 8 writes.
+int PermuteForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                   void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3) return 1;
+  const int rank = ndims[0];
+  if (rank < 1 || rank > 8 || ndims[2] != rank || ndims[1] != 1 || shapes[1][0] != rank) return 2;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[2])) return 2;
+  const int32_t *dims = static_cast<const int32_t *>(params[1]);
+  int64_t xstride[8], stride[8], shape[8];
+  xstride[rank - 1] = 1;
+  for (int k = rank - 2; k >= 0; --k) xstride[k] = xstride[k + 1] * shapes[0][k + 1];
+  bool seen[8] = {false, false, false, false, false, false, false, false};
+  for (int k = 0; k < rank; ++k) {
+    if (dims[k] < 0 || dims[k] >= rank || seen[dims[k]]) return 2;
+    seen[dims[k]] = true;
+    shape[k] = shapes[0][dims[k]];
+    stride[k] = xstride[dims[k]];
+    if (shapes[2][k] != shape[k]) return 2;
+  }
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t cols = shape[rank - 1], col_stride = stride[rank - 1];
+  const bool tiled = rank >= 2 && col_stride != 1 && stride[rank - 2] == 1;
+  const int64_t tile = tiled ? 8 : 1, rows_inner = rank >= 2 ? shape[rank - 2] : 1;
+  const int64_t row_tiles = (rows_inner + tile - 1) / tile;
+  int64_t outer = 1;  // the output's axes before the last two
+  for (int k = 0; k < rank - 2; ++k) outer *= shape[k];
+  if (outer * rows_inner * cols == 0) return 0;
+  for_rows(outer * row_tiles, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o = task / row_tiles, r0 = (task % row_tiles) * tile;
+      int64_t base = 0, rest = o;  // x offset of output index (o's axes, r0, 0)
+      for (int k = rank - 3; k >= 0; --k) {
+        base += (rest % shape[k]) * stride[k];
+        rest /= shape[k];
+      }
+      const int64_t row_stride = rank >= 2 ? stride[rank - 2] : 0;
+      float *out = y + (o * rows_inner + r0) * cols;
+      if (tiled && r0 + tile <= rows_inner) {
+        const float *src = x + base + r0;  // the 8 rows are 8 consecutive floats of x
+        for (int64_t c = 0; c < cols; ++c) {
+          const float *p = src + c * col_stride;
+          for (int64_t t = 0; t < 8; ++t) out[t * cols + c] = p[t];
+        }
+        continue;
+      }
+      const int64_t last = std::min(rows_inner, r0 + tile);
+      for (int64_t r = r0; r < last; ++r, out += cols) {
+        const float *src = x + base + r * row_stride;
+        if (col_stride == 1) {
+          std::memcpy(out, src, sizeof(float) * cols);
+        } else {
+          for (int64_t c = 0; c < cols; ++c) out[c] = src[c * col_stride];
+        }
+      }
+    }
+  });
   return 0;
 }
 

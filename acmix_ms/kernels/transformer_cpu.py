@@ -78,3 +78,40 @@ class CpuLayerNorm(nn.Cell):
     def bprop(self, x, gamma, beta, out, dout):
         # dout[1], dout[2] (gradients w.r.t. the returned statistics) are zero: callers use only out[0]
         return self.backward_kernel(dout[0], x, gamma, out[1], out[2])
+
+
+class _PermutedShape:
+    def __init__(self, dims):
+        self.dims = dims
+
+    def __call__(self, x, config):
+        return [x[d] for d in self.dims]
+
+
+class CpuPermute(nn.Cell):
+    """x (float32, rank <= 8) -> ``numpy.transpose(x, dims)``; the gradient permutes back with the same kernel."""
+
+    def __init__(self, dims):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.dims = tuple(int(d) for d in dims)
+        inverse = tuple(int(i) for i in np.argsort(self.dims))
+        self.forward_kernel = ops.Custom(f"{library}:PermuteForward", out_shape=_PermutedShape(self.dims),
+                                         out_dtype=_same_dtype_first, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:PermuteForward", out_shape=_PermutedShape(inverse),
+                                          out_dtype=_same_dtype_first, func_type="aot")
+        # PyNative caches shape inference per primitive attributes: one attribute per permutation
+        self.forward_kernel.add_prim_attr("acmix_config", "x".join(map(str, self.dims)))
+        self.backward_kernel.add_prim_attr("acmix_config", "x".join(map(str, inverse)))
+        self.config = Tensor(np.array(self.dims, np.int32))
+        self.inverse_config = Tensor(np.array(inverse, np.int32))
+
+    def construct(self, x):
+        return self.forward_kernel(x, self.config)
+
+    def bprop(self, x, out, dout):
+        return (self.backward_kernel(dout, self.inverse_config),)
+
+
+def _same_dtype_first(first, *others):
+    return first
