@@ -286,8 +286,12 @@ def test_ablation_tables_group_rate_and_shift_variants(tmp_path):
         folder = tmp_path / variant
         folder.mkdir()
         (folder / ablation.RESULT_FILE).write_text(json.dumps(_fake_result(variant, use, 50.0)))
+    kept = tmp_path / f"learnable{ablation.REPLACED_MARK}20261203-120000"  # an earlier run, trained again since
+    kept.mkdir()
+    (kept / ablation.RESULT_FILE).write_text(json.dumps(_fake_result("learnable", budget, 10.0)))
     results, skipped = ablation.collect_results(str(tmp_path), budget)
     assert skipped == 1  # the other budget is never mixed in
+    assert [r["variant"] for r in results].count("learnable") == 1  # the replaced run is left out
     text = ablation.tables(results)
     _, rate_rows = _table(text, "(Table 6)")
     assert [row[0] for row in rate_rows] == ["learnable", "attention"]
@@ -348,6 +352,13 @@ def test_ablation_quick_trains_with_the_engine(tmp_path):
     result = json.loads((tmp_path / "runs" / "learnable_seed0" / ablation.RESULT_FILE).read_text())
     rows, _ = plot_rates.rates_from_checkpoint(result["checkpoint"])
     assert rows and all(r1 is not None and r2 is not None for _, r1, r2 in rows)
+    # training a variant again keeps the earlier run aside (never deleted) and out of the tables
+    first = (tmp_path / "runs" / "learnable_seed0" / ablation.RESULT_FILE).read_text()
+    assert ablation.main(args[:2] + ["learnable"] + args[4:]) == 0
+    kept = sorted((tmp_path / "runs").glob("learnable_seed0.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / ablation.RESULT_FILE).read_text() == first
+    _, rows = _table(out.read_text(), "(Table 7)")
+    assert [row[0] for row in rows] == ["shift_tensor", "learnable"]
 
 
 def test_tensor_shift_training_does_not_hang(tmp_path):

@@ -21,7 +21,8 @@ the trained network (graph mode, ``--eval_batch_size`` images, median of timed c
 (rate1, rate2 of every ACmix layer: Fig. 5). The summary tables give mean ± std (sample standard deviation,
 n - 1) over the seeds. Each variant writes ``<output_dir>/<variant>_seed<s>/ablation.json`` beside the
 engine's checkpoints and logs; the tables are rebuilt from every result of the same budget found there, so
-variants and seeds can be trained in several runs.
+variants and seeds can be trained in several runs. Training a variant and seed again keeps the earlier
+folder as ``<variant>_seed<s>.replaced-<time>`` (left out of the tables), so no result is ever deleted.
 
     python tools/ablation.py --family resnet --out docs/ablation_resnet.md   # all variants, 3 seeds, full data
     python tools/ablation.py --family swin --out docs/ablation_swin.md
@@ -33,7 +34,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +45,8 @@ if str(ROOT) not in sys.path:
 
 DEMO_CONFIG = ROOT / "configs" / "demo_fashion_mnist_full.yaml"
 RESULT_FILE = "ablation.json"
+# a variant trained again moves its earlier folder to <variant>_seed<s>.replaced-<time>
+REPLACED_MARK = ".replaced-"
 
 # A small Swin for 32 px inputs (the 28 px images resized): patch 2 -> 16x16 tokens, windows of 4 (shifted by
 # 2), stages 16/8/4 px.
@@ -162,7 +164,10 @@ def train_variant(args, variant, seed, data_dir):
             os.path.join(folder, "train.log"))
         if not made_here:
             raise SystemExit(f"error: {folder} exists and was not written by this tool; choose another --output_dir")
-        shutil.rmtree(folder)  # a fresh run: the engine appends to metrics.jsonl
+        # a fresh run (the engine appends to metrics.jsonl); the earlier one is kept beside it, never deleted
+        aside = f"{folder}{REPLACED_MARK}{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(folder, aside)
+        print(f"{folder} held an earlier run: moved to {aside} (not read into the tables)")
     cfg = run_config(args, variant, seed, data_dir, folder)
     load = [round(v, 2) for v in os.getloadavg()]
     start = time.time()
@@ -192,6 +197,8 @@ def collect_results(output_dir, budget):
     """Every ablation.json under ``output_dir`` trained with ``budget``: (results, other-budget count)."""
     found, skipped = [], 0
     for path in sorted(Path(output_dir).glob(f"*/{RESULT_FILE}")):
+        if REPLACED_MARK in path.parent.name:  # an earlier run of a variant that was trained again
+            continue
         result = json.loads(path.read_text())
         if result.get("budget") == budget:
             found.append(result)
