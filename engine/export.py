@@ -26,7 +26,8 @@ class ExportError(RuntimeError):
 
 def make_exportable(model, attention_impl: str = "unfold") -> int:
     """Switch the layers of ``model`` that run a device kernel (``ops.Custom``) to ``attention_impl``, before
-    the model's first run; returns how many were switched (printed when any)."""
+    the model's first run; returns how many layers were switched (printed when any). Axis permutations
+    (``acmix_ms.layout.Permute``) are switched to ``ops.transpose`` too, printed but not counted."""
     from acmix_ms import attention_backends, set_attention_impl
     backends = attention_backends(model)
     switched = set_attention_impl(model, attention_impl, only_kernels=True)
@@ -46,7 +47,7 @@ def make_exportable(model, attention_impl: str = "unfold") -> int:
     permutes = set_permute_kernels(model, False)  # axis permutations (acmix_ms.layout.Permute)
     if permutes:
         print(f"{permutes} axis permutation(s) ran a CPU kernel: exported as Transpose (same results)")
-    return switched + conv + fused + permutes
+    return switched + conv + fused  # layers; the permutations (plumbing) are printed, not counted
 
 
 def model_and_info(args):
