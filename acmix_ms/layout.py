@@ -18,6 +18,19 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+def cpu_transformer_kernel(name: str, device_target: Optional[str], *args):
+    """``acmix_ms.kernels.transformer_cpu.<name>(*args)`` on the CPU backend, None elsewhere or when the C++
+    cannot be built (with a warning)."""
+    if (device_target or ms.get_context("device_target")) != "CPU":
+        return None
+    try:
+        from .kernels import transformer_cpu  # compiles the C++ at first use
+        return getattr(transformer_cpu, name)(*args)
+    except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
+        warnings.warn(f"{name}: the CPU kernel is not available ({error}); using MindSpore's ops")
+        return None
+
+
 def check_permutation(dims: Sequence[int]) -> tuple:
     """``dims`` as a tuple of ints, if it is a permutation of 0 .. len(dims) - 1 (else ValueError)."""
     dims = tuple(int(d) for d in dims)
@@ -37,13 +50,7 @@ class Permute(nn.Cell):
     def __init__(self, dims: Sequence[int], device_target: Optional[str] = None):
         super().__init__()
         self.dims = check_permutation(dims)
-        self.kernel = None
-        if (device_target or ms.get_context("device_target")) == "CPU" and len(self.dims) <= 8:
-            try:
-                from .kernels.transformer_cpu import CpuPermute  # compiles the C++ at first use
-                self.kernel = CpuPermute(self.dims)
-            except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
-                warnings.warn(f"Permute: the CPU kernel is not available ({error}); using ops.transpose")
+        self.kernel = cpu_transformer_kernel("CpuPermute", device_target, self.dims) if len(self.dims) <= 8 else None
         self.use_kernel = self.kernel is not None
 
     def construct(self, x):

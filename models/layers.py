@@ -13,7 +13,6 @@
 - ``to_2tuple``, ``check_num_classes``, ``check_stage_lists``, ``check_out_indices``: argument checks.
 """
 import inspect
-import warnings
 
 import numpy as np
 import mindspore as ms
@@ -21,7 +20,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 
 from acmix_ms.constants import INIT_STD
-from acmix_ms.layout import Permute
+from acmix_ms.layout import Permute, cpu_transformer_kernel
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
 
@@ -154,19 +153,6 @@ class DropPath(nn.Cell):
         return f"drop_prob={self.drop_prob}"
 
 
-def _cpu_kernel(name, device_target, *args):
-    """``acmix_ms.kernels.transformer_cpu.<name>(*args)`` on the CPU backend, None elsewhere or when the C++
-    cannot be built (with a warning)."""
-    if (device_target or ms.get_context("device_target")) != "CPU":
-        return None
-    try:
-        from acmix_ms.kernels import transformer_cpu  # compiles the C++ at first use
-        return getattr(transformer_cpu, name)(*args)
-    except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
-        warnings.warn(f"{name}: the CPU kernel is not available ({error}); using MindSpore's ops")
-        return None
-
-
 class GELU(nn.Cell):
     """Exact GELU x * Phi(x) (torch's default). Inputs/outputs: any shape.
 
@@ -183,7 +169,7 @@ class GELU(nn.Cell):
     def __init__(self, device_target=None):
         super().__init__()
         self.reference = nn.GELU(approximate=False)
-        self.kernel = _cpu_kernel("CpuGelu", device_target)
+        self.kernel = cpu_transformer_kernel("CpuGelu", device_target)
         self.use_kernel = self.kernel is not None
 
     def construct(self, x):
@@ -318,7 +304,7 @@ class LayerNorm(nn.LayerNorm):
 
     def __init__(self, dim, eps, device_target=None):
         super().__init__((dim,), epsilon=eps, dtype=ms.float32)
-        self.kernel = _cpu_kernel("CpuLayerNorm", device_target, eps)
+        self.kernel = cpu_transformer_kernel("CpuLayerNorm", device_target, eps)
         self.use_kernel = self.kernel is not None
 
     def construct(self, x):
