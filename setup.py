@@ -14,7 +14,7 @@ setup(
     description="ACmix (On the Integration of Self-Attention and Convolution) for MindSpore",
     python_requires=">=3.10,<3.13",
     packages=["acmix_ms", "acmix_ms.kernels", "models", "engine"],
-    package_data={"acmix_ms.kernels": ["*.cc"]},  # C++ source of the CPU kernels, compiled at first use
+    package_data={"acmix_ms.kernels": ["*.cc", "*.h"]},  # C++ sources and header of the CPU kernels, built at first use
     install_requires=["mindspore==2.8.0", "numpy<2", "pyyaml", "pillow"],
     extras_require={
         "test": ["pytest", "matplotlib"],  # matplotlib: the plot tests take their real path in CI

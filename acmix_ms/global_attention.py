@@ -8,11 +8,22 @@ adds only the light fc and the group conv. Prefix tokens (PVT's cls token) recei
 """
 from typing import Sequence
 
+import numpy as np
 from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
 
 from .base import ACmixBase
 from .layout import Permute
 from .validation import check_divisible, check_positive_int
+
+
+@constexpr
+def _nearest_source(reduced_h, reduced_w, height, width):
+    """For each of the H*W pixels (row-major), the reduced-map token that nearest upsampling
+    (``ops.interpolate(mode='nearest')``: source floor(i * in / out)) copies to it: int32 (H*W,)."""
+    rows = np.arange(height) * reduced_h // height
+    cols = np.arange(width) * reduced_w // width
+    return Tensor((rows[:, None] * reduced_w + cols[None, :]).reshape(-1).astype(np.int32))
 
 
 class ACmixGlobal(ACmixBase):
@@ -25,6 +36,7 @@ class ACmixGlobal(ACmixBase):
 
     Inputs: x (B, P + H*W, C), H, W. Outputs: (B, P + H*W, C).
     """
+    tokens_layout = True  # the conv path runs on the projected tokens (one CPU kernel where it builds)
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, kernel_conv: int = 3, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, num_prefix_tokens: int = 0, fc_bias: bool = True,
@@ -100,6 +112,19 @@ class ACmixGlobal(ACmixBase):
         prefix = self.num_prefix_tokens
         if prefix > 0:
             query, key_value = query[:, prefix:], key_value[:, prefix:]
+        if self.uses_token_conv(query.dtype):  # one kernel on (B, H*W, 3C) tokens, no transposes
+            if self.sr_ratio > 1:
+                reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
+                key_value = ops.gather(key_value, _nearest_source(reduced_h, reduced_w, height, width), 1)
+            out = self.conv_path_tokens(ops.concat((query, key_value), -1), height, width)
+        else:
+            out = self._conv_channel_major(query, key_value, batch, height, width)
+        if prefix > 0:
+            out = ops.concat((ops.zeros((batch, prefix, self.dim), out.dtype), out), 1)
+        return out
+
+    def _conv_channel_major(self, query, key_value, batch, height, width):
+        """The conv path through channel-major groups (``conv_path``) -> (B, H*W, C)."""
         # channel-major (B, 3C, H*W) directly: channel t*C + n*d + j = group g (t*N + n), width j
         if self.sr_ratio > 1:
             reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
@@ -110,10 +135,7 @@ class ACmixGlobal(ACmixBase):
             stacked = self.swap_tokens(ops.concat((query, key_value), -1))
         groups = stacked.reshape(batch, 3 * self.num_heads, self.head_dim, height * width)
         out = self.conv_path(groups, height, width)  # (B, C, H, W)
-        out = self.swap_tokens(out.reshape(batch, self.dim, height * width))
-        if prefix > 0:
-            out = ops.concat((ops.zeros((batch, prefix, self.dim), out.dtype), out), 1)
-        return out
+        return self.swap_tokens(out.reshape(batch, self.dim, height * width))
 
     def aggregation_macs(self, height, width):
         """MACs of q.k and A.v at an H x W token map."""

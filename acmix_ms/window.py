@@ -141,6 +141,7 @@ class ACmixWindow(ACmixBase):
     Inputs: (B, H, W, C), any H, W (padded bottom/right to multiples of w internally).
     Outputs: (B, H, W, C).
     """
+    tokens_layout = True  # the conv path runs on the projected tokens (one CPU kernel where it builds)
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, kernel_conv: int = 3,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
@@ -201,6 +202,8 @@ class ACmixWindow(ACmixBase):
 
     def _conv(self, tokens, shift, shift_inv, batch, height, width):
         """Conv path -> (B, H*W, C) in map order; on the cyclically shifted map if ``conv_on_shifted_map``."""
+        if self.uses_token_conv(tokens.dtype):  # one kernel on the tokens: no transposes, the shift as indices
+            return self.conv_path_tokens(tokens, height, width, self.shift_size if self.conv_on_shifted_map else 0)
         if self.conv_on_shifted_map and shift is not None:
             return self.permute(self._conv_map(self.permute(tokens, shift, shift_inv), batch, height, width),
                                 shift_inv, shift)

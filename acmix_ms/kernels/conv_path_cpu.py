@@ -76,3 +76,44 @@ class CpuGroupConv(nn.Cell):
         grad_x = self.input_grad(dout32, ops.cast(weight, ms.float32), x32, self.config)
         grad_w = self.filter_grad(dout32, x32, self.config)
         return ops.cast(grad_x, x.dtype), ops.cast(grad_w, weight.dtype)
+
+
+TOKEN_SOURCE = "token_conv_cpu.cc"
+
+
+def _token_conv_shape(tokens, fc, fc_bias, dep, config):
+    return [tokens[0], tokens[1], dep[0]]
+
+
+def _token_conv_grad_shapes(dout, tokens, fc, fc_bias, dep, config):
+    return list(tokens), list(fc), list(fc_bias), list(dep)
+
+
+def _token_conv_grad_dtypes(dout, tokens, fc, fc_bias, dep, config):
+    return tokens, fc, fc_bias, dep
+
+
+class CpuTokenConv(nn.Cell):
+    """The whole conv path on channels-last tokens, optionally on the cyclically shifted map (Swin-ACmix):
+
+    (tokens (B, H*W, G*d) in map order, fc (K2, G), fc_bias (K2,), dep (C, K2, k, k), config int32 (4,) =
+    (H, W, shift, k)) -> (B, H*W, C) in map order: the official fc (G -> K2 maps, with bias), permute and
+    dep_conv (groups = d, zero padding k // 2) on the map rolled by (-shift, -shift), rolled back. Kernels
+    ``TokenConvForward`` / ``TokenConvBackward`` of token_conv_cpu.cc (float32; the backward returns the
+    gradients of tokens, fc, fc_bias and dep).
+    """
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(TOKEN_SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:TokenConvForward", out_shape=_token_conv_shape,
+                                         out_dtype=_first_dtype, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:TokenConvBackward", out_shape=_token_conv_grad_shapes,
+                                          out_dtype=_token_conv_grad_dtypes, func_type="aot")
+
+    def construct(self, tokens, fc, fc_bias, dep, config):
+        return self.forward_kernel(tokens, fc, fc_bias, dep, config)
+
+    def bprop(self, tokens, fc, fc_bias, dep, config, out, dout):
+        grads = self.backward_kernel(dout, tokens, fc, fc_bias, dep, config)
+        return grads[0], grads[1], grads[2], grads[3], ops.zeros_like(config)
