@@ -45,22 +45,27 @@ def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_ta
     return GroupConv(kernel_size, stride, groups)
 
 
-def token_conv(device_target=None, use_kernel=True):
-    """The conv path on channels-last tokens in one CPU kernel (``acmix_ms.kernels.conv_path_cpu.CpuTokenConv``)
-    where it builds, else None (GPU, Ascend, no compiler, ``use_kernel=False``: the layer transposes to
-    channel-major and runs ``conv_path``)."""
+TOKEN_LAYOUTS = (None, "tokens", "split")
+
+
+def token_conv(layout="tokens", device_target=None, use_kernel=True):
+    """The conv path on channels-last tokens in one CPU kernel where it builds: ``CpuTokenConv`` (``layout``
+    'tokens': q, k, v in one (B, H*W, 3C) tensor) or ``CpuSplitTokenConv`` ('split': full-resolution q and a
+    reduced k, v) of ``acmix_ms.kernels.conv_path_cpu``; else None (GPU, Ascend, no compiler,
+    ``use_kernel=False``: the layer transposes to channel-major and runs ``conv_path``)."""
+    check_choice("layout", layout, TOKEN_LAYOUTS[1:])
     if use_kernel and (device_target or ms.get_context("device_target")) == "CPU":
         try:
-            from .kernels.conv_path_cpu import CpuTokenConv  # compiles the C++ at first use
-            return CpuTokenConv()
+            from .kernels import conv_path_cpu  # compiles the C++ at first use
+            return conv_path_cpu.CpuTokenConv() if layout == "tokens" else conv_path_cpu.CpuSplitTokenConv()
         except (RuntimeError, OSError):  # KernelBuildError (no compiler) is a RuntimeError
             pass
     return None
 
 
 @constexpr
-def _token_conv_config(height, width, shift, kernel):
-    return Tensor(np.array([height, width, shift, kernel], np.int32))
+def _token_conv_config(*values):
+    return Tensor(np.array(values, np.int32))
 
 
 def set_conv_path_kernels(network: nn.Cell, enabled: bool) -> int:
@@ -103,7 +108,7 @@ class ACmixBase(nn.Cell):
         fc_bias: bias of the fc layer.
     """
     use_reference_paths = False  # class-wide switch, set only by ``reference_paths()``
-    tokens_layout = False  # subclasses holding q, k, v as (B, H*W, 3C) tokens set it: see ``conv_path_tokens``
+    tokens_layout = None  # subclasses holding q, k, v as tokens set 'tokens' or 'split': see ``conv_path_tokens``
 
     def __init__(self, num_groups: int, head_dim: int, out_channels: int, kernel_conv: int = 3, stride: int = 1,
                  shift_impl: str = "learnable", rate_mode: str = "learnable", rates: Sequence[float] = (0.5, 0.5),
@@ -126,9 +131,9 @@ class ACmixBase(nn.Cell):
                 self._group_conv_args = (head_dim * num_groups, out_channels, kernel_conv, stride, head_dim)
                 self.group_conv = group_conv(*self._group_conv_args)
         # the whole conv path as one kernel on tokens (stride 1, a group-convolution shift)
-        self._token_conv_possible = (self.tokens_layout and self.has_conv and shift_impl != "tensor"
+        self._token_conv_possible = (self.tokens_layout is not None and self.has_conv and shift_impl != "tensor"
                                      and stride == 1)
-        self.token_conv = token_conv() if self._token_conv_possible else None
+        self.token_conv = token_conv(self.tokens_layout) if self._token_conv_possible else None
         if rate_mode == "learnable":
             self.rate1 = Parameter(Tensor([rate1], ms.float32), name="rate1")
             self.rate2 = Parameter(Tensor([rate2], ms.float32), name="rate2")
@@ -149,26 +154,32 @@ class ACmixBase(nn.Cell):
         if hasattr(self, "group_conv"):  # a conv path with a group-convolution shift
             self.group_conv = group_conv(*self._group_conv_args, use_kernel=enabled)
         if self._token_conv_possible:
-            self.token_conv = token_conv(use_kernel=enabled)
+            self.token_conv = token_conv(self.tokens_layout, use_kernel=enabled)
 
     def uses_token_conv(self, dtype):
         """Whether ``conv_path_tokens`` can run on ``dtype`` tokens here (constant at graph compilation)."""
         return self.token_conv is not None and dtype == ms.float32 and not self.use_reference_paths
 
-    def conv_path_tokens(self, tokens, height, width, shift=0):
+    def conv_path_tokens(self, tokens, height, width, shift=0, reduced=None, reduced_size=(0, 0)):
         """The conv path on channels-last tokens, in one kernel (only where ``uses_token_conv``).
 
         Args:
             tokens: (B, H*W, G*d) float32 in map order, channel g*d + j = group g, width j (q, k, v of N heads:
-                channel t*C + n*d + j, as the fused qkv projection writes them).
+                channel t*C + n*d + j, as the fused qkv projection writes them). With ``reduced`` (layout
+                'split'): the first groups only (q, (B, H*W, C)).
             shift: run on the map rolled by (-shift, -shift) and roll the result back (Swin-ACmix's conv on the
                 cyclically shifted map); 0: the map itself.
+            reduced: layout 'split': the remaining groups (k, v) on a reduced (H_b, W_b) = ``reduced_size`` map,
+                (B, H_b*W_b, 2C), read as if nearest-upsampled to H x W.
         Returns:
             (B, H*W, out_channels) in map order; the same values as ``conv_path`` on the channel-major groups.
         """
         k2, num_groups = self.fc.weight.shape[0], self.fc.weight.shape[1]
         fc = self.fc.weight.reshape(k2, num_groups)
         fc_bias = self.fc.bias if self.fc.bias is not None else ops.zeros((k2,), tokens.dtype)
+        if self.tokens_layout == "split":
+            config = _token_conv_config(height, width, shift, self.kernel_conv, reduced_size[0], reduced_size[1])
+            return self.token_conv(tokens, reduced, fc, fc_bias, self.dep_conv.weight, config)
         config = _token_conv_config(height, width, shift, self.kernel_conv)
         return self.token_conv(tokens, fc, fc_bias, self.dep_conv.weight, config)
 

@@ -8,22 +8,11 @@ adds only the light fc and the group conv. Prefix tokens (PVT's cls token) recei
 """
 from typing import Sequence
 
-import numpy as np
 from mindspore import Tensor, nn, ops
-from mindspore.ops import constexpr
 
 from .base import ACmixBase
 from .layout import Permute
 from .validation import check_divisible, check_positive_int
-
-
-@constexpr
-def _nearest_source(reduced_h, reduced_w, height, width):
-    """For each of the H*W pixels (row-major), the reduced-map token that nearest upsampling
-    (``ops.interpolate(mode='nearest')``: source floor(i * in / out)) copies to it: int32 (H*W,)."""
-    rows = np.arange(height) * reduced_h // height
-    cols = np.arange(width) * reduced_w // width
-    return Tensor((rows[:, None] * reduced_w + cols[None, :]).reshape(-1).astype(np.int32))
 
 
 class ACmixGlobal(ACmixBase):
@@ -36,7 +25,7 @@ class ACmixGlobal(ACmixBase):
 
     Inputs: x (B, P + H*W, C), H, W. Outputs: (B, P + H*W, C).
     """
-    tokens_layout = True  # the conv path runs on the projected tokens (one CPU kernel where it builds)
+    tokens_layout = "split"  # the conv path runs on q and the reduced k, v tokens (one CPU kernel where it builds)
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, kernel_conv: int = 3, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, num_prefix_tokens: int = 0, fc_bias: bool = True,
@@ -112,11 +101,9 @@ class ACmixGlobal(ACmixBase):
         prefix = self.num_prefix_tokens
         if prefix > 0:
             query, key_value = query[:, prefix:], key_value[:, prefix:]
-        if self.uses_token_conv(query.dtype):  # one kernel on (B, H*W, 3C) tokens, no transposes
-            if self.sr_ratio > 1:
-                reduced_h, reduced_w = height // self.sr_ratio, width // self.sr_ratio
-                key_value = ops.gather(key_value, _nearest_source(reduced_h, reduced_w, height, width), 1)
-            out = self.conv_path_tokens(ops.concat((query, key_value), -1), height, width)
+        if self.uses_token_conv(query.dtype):  # one kernel reads q and the reduced k, v: no upsampling, no concat
+            reduced_size = (height // self.sr_ratio, width // self.sr_ratio)
+            out = self.conv_path_tokens(query, height, width, reduced=key_value, reduced_size=reduced_size)
         else:
             out = self._conv_channel_major(query, key_value, batch, height, width)
         if prefix > 0:

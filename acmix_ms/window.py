@@ -141,7 +141,7 @@ class ACmixWindow(ACmixBase):
     Inputs: (B, H, W, C), any H, W (padded bottom/right to multiples of w internally).
     Outputs: (B, H, W, C).
     """
-    tokens_layout = True  # the conv path runs on the projected tokens (one CPU kernel where it builds)
+    tokens_layout = "tokens"  # the conv path runs on the projected tokens (one CPU kernel where it builds)
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, kernel_conv: int = 3,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,

@@ -117,3 +117,38 @@ class CpuTokenConv(nn.Cell):
     def bprop(self, tokens, fc, fc_bias, dep, config, out, dout):
         grads = self.backward_kernel(dout, tokens, fc, fc_bias, dep, config)
         return grads[0], grads[1], grads[2], grads[3], ops.zeros_like(config)
+
+
+def _split_conv_shape(tokens_a, tokens_b, fc, fc_bias, dep, config):
+    return [tokens_a[0], tokens_a[1], dep[0]]
+
+
+def _split_conv_grad_shapes(dout, tokens_a, tokens_b, fc, fc_bias, dep, config):
+    return list(tokens_a), list(tokens_b), list(fc), list(fc_bias), list(dep)
+
+
+def _split_conv_grad_dtypes(dout, tokens_a, tokens_b, fc, fc_bias, dep, config):
+    return tokens_a, tokens_b, fc, fc_bias, dep
+
+
+class CpuSplitTokenConv(nn.Cell):
+    """``CpuTokenConv`` with the groups in two inputs: (tokens_a (B, H*W, Ga*d), tokens_b (B, H_b*W_b, Gb*d), fc,
+    fc_bias, dep, config int32 (6,) = (H, W, shift, k, H_b, W_b)) -> (B, H*W, C); pixel (y, x) reads b's token at
+    (floor(y * H_b / H), floor(x * W_b / W)) (nearest upsampling), i.e. the conv path of
+    ``concat(tokens_a, upsample(tokens_b))`` without building it (PVT-ACmix: q and the reduced k, v).
+    Kernels ``TokenConvSplitForward`` / ``TokenConvSplitBackward`` of token_conv_cpu.cc."""
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(TOKEN_SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:TokenConvSplitForward", out_shape=_split_conv_shape,
+                                         out_dtype=_first_dtype, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:TokenConvSplitBackward", out_shape=_split_conv_grad_shapes,
+                                          out_dtype=_split_conv_grad_dtypes, func_type="aot")
+
+    def construct(self, tokens_a, tokens_b, fc, fc_bias, dep, config):
+        return self.forward_kernel(tokens_a, tokens_b, fc, fc_bias, dep, config)
+
+    def bprop(self, tokens_a, tokens_b, fc, fc_bias, dep, config, out, dout):
+        grads = self.backward_kernel(dout, tokens_a, tokens_b, fc, fc_bias, dep, config)
+        return grads[0], grads[1], grads[2], grads[3], grads[4], ops.zeros_like(config)

@@ -23,6 +23,12 @@
 //                    outputs dtokens (like tokens), dfc (K2, G), dfc_bias (K2), ddep (like dep)
 //   The maps are recomputed (cheaper than keeping them). Weight gradients are summed per chunk of rows and
 //   the chunks added in order: deterministic for a thread count.
+// TokenConvSplitForward / TokenConvSplitBackward: the same with the groups in two inputs, tokens_a (B, L, Ga*d)
+//   at full resolution and tokens_b (B, H_b*W_b, Gb*d) read at each pixel's nearest-upsampling source
+//   (floor(y * H_b / H), floor(x * W_b / W)), config (6,) = H, W, s, k, H_b, W_b: PVT-ACmix's q and its
+//   spatially reduced k, v without materialising the upsampled, concatenated (B, L, 3C) tensor (MindSpore's
+//   CPU Gather and Concat for it cost more than this kernel). Gradients: dtokens_a, dtokens_b (the sum over the
+//   pixels that read each b token), dfc, dfc_bias, ddep.
 //
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
@@ -42,29 +48,58 @@ bool is_float32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 |
 
 struct TokenConv {
   int64_t batch, height, width, length, groups, dim, kernel, taps, k2, channels, per_out, shift, pad;
+  // groups [0, groups_a) come from tokens a (B, L, groups_a*d); the rest from tokens b (B, length_b,
+  // groups_b*d), pixel p reading b's token source[p] (the split kernels; groups_b = 0 otherwise)
+  int64_t groups_a, groups_b = 0, length_b = 0;
+  std::vector<int64_t> source;
   std::vector<int64_t> rows, cols;  // shifted row / column -> map row / column
   int64_t map_index(int64_t y, int64_t x) const { return rows[y] * width + cols[x]; }
   int64_t map_row_size() const { return k2 * dim; }  // floats of one pixel's maps
 };
 
-// Checks the shapes of tokens, fc, fc_bias, dep and the config; false if they do not fit.
-bool read_token_conv(int64_t **shapes, int *ndims, const int32_t *config, TokenConv *c) {
-  if (ndims[0] != 3 || ndims[1] != 2 || ndims[2] != 1 || ndims[3] != 4) return false;
-  c->batch = shapes[0][0];
-  c->length = shapes[0][1];
+// The token rows of pixel p (flat index over B*L) in a and b, and the same offsets for their gradients.
+struct PixelTokens {
+  int64_t a, b;
+  PixelTokens(const TokenConv &c, int64_t flat)
+      : a(flat * c.groups_a * c.dim),
+        b(c.groups_b ? ((flat / c.length) * c.length_b + c.source[flat % c.length]) * c.groups_b * c.dim : 0) {}
+};
+
+// Checks tokens a (and b: b_shape non-null), fc, fc_bias, dep and the config (H, W, shift, k[, H_b, W_b]);
+// false if they do not fit.
+bool read_token_conv(const int64_t *a_shape, const int64_t *b_shape, int64_t **weight_shapes, int *weight_ndims,
+                     const int32_t *config, TokenConv *c) {
+  const int64_t *fc = weight_shapes[0], *fc_bias = weight_shapes[1], *dep = weight_shapes[2];
+  if (weight_ndims[0] != 2 || weight_ndims[1] != 1 || weight_ndims[2] != 4) return false;
+  c->batch = a_shape[0];
+  c->length = a_shape[1];
   c->height = config[0];
   c->width = config[1];
   c->shift = config[2];
   c->kernel = config[3];
-  c->k2 = shapes[1][0];
-  c->groups = shapes[1][1];
-  c->channels = shapes[3][0];
+  c->k2 = fc[0];
+  c->groups = fc[1];
+  c->channels = dep[0];
   if (c->height < 1 || c->width < 1 || c->height * c->width != c->length) return false;
   if (c->kernel < 1 || c->kernel % 2 == 0 || c->shift < 0) return false;
-  if (c->groups < 1 || shapes[0][2] % c->groups != 0) return false;
-  c->dim = shapes[0][2] / c->groups;
-  if (shapes[2][0] != c->k2 || shapes[3][1] != c->k2 || shapes[3][2] != c->kernel || shapes[3][3] != c->kernel)
-    return false;
+  const int64_t width_b = b_shape ? b_shape[2] : 0;
+  if (c->groups < 1 || (a_shape[2] + width_b) % c->groups != 0) return false;
+  c->dim = (a_shape[2] + width_b) / c->groups;
+  if (c->dim < 1 || a_shape[2] % c->dim != 0 || width_b % c->dim != 0) return false;
+  c->groups_a = a_shape[2] / c->dim;
+  if (b_shape) {
+    const int64_t height_b = config[4], width_b_map = config[5];
+    c->groups_b = width_b / c->dim;
+    c->length_b = b_shape[1];
+    if (b_shape[0] != c->batch || height_b < 1 || width_b_map < 1 || height_b * width_b_map != c->length_b) return false;
+    c->source.resize(c->length);  // nearest upsampling: source row floor(y * H_b / H), column likewise
+    for (int64_t y = 0; y < c->height; ++y) {
+      for (int64_t x = 0; x < c->width; ++x) {
+        c->source[y * c->width + x] = (y * height_b / c->height) * width_b_map + x * width_b_map / c->width;
+      }
+    }
+  }
+  if (fc_bias[0] != c->k2 || dep[1] != c->k2 || dep[2] != c->kernel || dep[3] != c->kernel) return false;
   if (c->channels % c->dim != 0) return false;
   c->per_out = c->channels / c->dim;
   c->taps = c->kernel * c->kernel;
@@ -142,16 +177,17 @@ inline vf8 load8(const float *p) {
 inline void store8(float *p, vf8 v) { std::memcpy(p, &v, sizeof v); }
 
 template <int V, int KB>
-inline void maps_block(const TokenConv &c, const float *token, const float *fc, const float *fc_bias, int64_t k0,
-                       float *row) {
+inline void maps_block(const TokenConv &c, const float *token_a, const float *token_b, const float *fc,
+                       const float *fc_bias, int64_t k0, float *row) {
   constexpr int D = 8 * V;
   vf8 a[KB][V];
   for (int kb = 0; kb < KB; ++kb) {
     for (int v = 0; v < V; ++v) a[kb][v] = vf8{} + fc_bias[k0 + kb];
   }
   for (int64_t g = 0; g < c.groups; ++g) {
+    const float *token = g < c.groups_a ? token_a + g * D : token_b + (g - c.groups_a) * D;
     vf8 in[V];
-    for (int v = 0; v < V; ++v) in[v] = load8(token + g * D + 8 * v);
+    for (int v = 0; v < V; ++v) in[v] = load8(token + 8 * v);
     for (int kb = 0; kb < KB; ++kb) {
       const float w = fc[(k0 + kb) * c.groups + g];
       for (int v = 0; v < V; ++v) a[kb][v] += w * in[v];
@@ -165,11 +201,13 @@ inline void maps_block(const TokenConv &c, const float *token, const float *fc, 
 // maps (B, L, K2, d) of every pixel: the fc over the G groups of its token, plus the bias; d = 8 * V
 // (V = 0: any d, scalar loops). Blocks of 3 maps stay in registers while the token's groups stream by.
 template <int V>
-void compute_maps(const TokenConv &c, const float *tokens, const float *fc, const float *fc_bias, float *maps) {
-  const int64_t d = c.dim, token_size = c.groups * d, row_size = c.map_row_size();
+void compute_maps(const TokenConv &c, const float *tokens_a, const float *tokens_b, const float *fc,
+                  const float *fc_bias, float *maps) {
+  const int64_t d = c.dim, row_size = c.map_row_size();
   acmix::parallel_for(c.batch * c.length, [&](int64_t first, int64_t last, int64_t) {
     for (int64_t p = first; p < last; ++p) {
-      const float *token = tokens + p * token_size;
+      const PixelTokens at(c, p);
+      const float *token_a = tokens_a + at.a, *token_b = tokens_b + at.b;
       float *row = maps + p * row_size;
       if constexpr (V == 0) {
         for (int64_t kk = 0; kk < c.k2; ++kk) {
@@ -177,14 +215,14 @@ void compute_maps(const TokenConv &c, const float *tokens, const float *fc, cons
           std::fill(out, out + d, fc_bias[kk]);
           for (int64_t g = 0; g < c.groups; ++g) {
             const float w = fc[kk * c.groups + g];
-            const float *__restrict in = token + g * d;
+            const float *__restrict in = g < c.groups_a ? token_a + g * d : token_b + (g - c.groups_a) * d;
             for (int64_t j = 0; j < d; ++j) out[j] += w * in[j];
           }
         }
       } else {
         int64_t k0 = 0;
-        for (; k0 + 3 <= c.k2; k0 += 3) maps_block<V, 3>(c, token, fc, fc_bias, k0, row);
-        for (; k0 < c.k2; ++k0) maps_block<V, 1>(c, token, fc, fc_bias, k0, row);
+        for (; k0 + 3 <= c.k2; k0 += 3) maps_block<V, 3>(c, token_a, token_b, fc, fc_bias, k0, row);
+        for (; k0 < c.k2; ++k0) maps_block<V, 1>(c, token_a, token_b, fc, fc_bias, k0, row);
       }
     }
   });
@@ -321,26 +359,31 @@ struct Steps {
 
   // Through the fc for one pixel: dtoken[g][j] = sum_kk fc[kk][g] * dmaps[kk][j]; gfc[kk][g][l] and gbias[kk][l]
   // (8 lanes each, summed at the end) collect dmaps[kk] . token[g] and sum_j dmaps[kk][j].
-  static void through_fc(const TokenConv &c, const float *token, const float *dmaps, const float *fc, float *dtoken,
-                         float *gfc, float *gbias) {
+  static void through_fc(const TokenConv &c, const float *token_a, const float *token_b, const float *dmaps,
+                         const float *fc, float *dtoken_a, float *dtoken_b, float *gfc, float *gbias) {
     if constexpr (V == 0) {
       const int64_t d = c.dim;
       for (int64_t g = 0; g < c.groups; ++g) {
-        float *__restrict dt = dtoken + g * d;
+        const bool in_a = g < c.groups_a;
+        const float *token = in_a ? token_a + g * d : token_b + (g - c.groups_a) * d;
+        float *__restrict dt = in_a ? dtoken_a + g * d : dtoken_b + (g - c.groups_a) * d;
         std::fill(dt, dt + d, 0.0f);
         for (int64_t kk = 0; kk < c.k2; ++kk) {
           const float wkg = fc[kk * c.groups + g];
           const float *__restrict dm = dmaps + kk * d;
           for (int64_t j = 0; j < d; ++j) dt[j] += wkg * dm[j];
-          gfc[(kk * c.groups + g) * 8] += dot(dm, token + g * d, d);
+          gfc[(kk * c.groups + g) * 8] += dot(dm, token, d);
         }
       }
       for (int64_t kk = 0; kk < c.k2; ++kk) gbias[kk * 8] += std::accumulate(dmaps + kk * d, dmaps + (kk + 1) * d, 0.0f);
     } else {
       constexpr int D = 8 * V;
       for (int64_t g = 0; g < c.groups; ++g) {
+        const bool in_a = g < c.groups_a;
+        const float *token = in_a ? token_a + g * D : token_b + (g - c.groups_a) * D;
+        float *dtoken = in_a ? dtoken_a + g * D : dtoken_b + (g - c.groups_a) * D;
         vf8 in[V], dt[V] = {};
-        for (int v = 0; v < V; ++v) in[v] = load8(token + g * D + 8 * v);
+        for (int v = 0; v < V; ++v) in[v] = load8(token + 8 * v);
         for (int64_t kk = 0; kk < c.k2; ++kk) {
           const float wkg = fc[kk * c.groups + g];
           vf8 acc = load8(gfc + (kk * c.groups + g) * 8);
@@ -351,7 +394,7 @@ struct Steps {
           }
           store8(gfc + (kk * c.groups + g) * 8, acc);
         }
-        for (int v = 0; v < V; ++v) store8(dtoken + g * D + 8 * v, dt[v]);
+        for (int v = 0; v < V; ++v) store8(dtoken + 8 * v, dt[v]);
       }
       for (int64_t kk = 0; kk < c.k2; ++kk) {
         vf8 acc = load8(gbias + kk * 8);
@@ -398,12 +441,12 @@ struct Steps {
 namespace {
 
 template <int V>
-void forward(const TokenConv &c, const float *tokens, const float *fc, const float *fc_bias, const float *dep,
-             float *out) {
+void forward(const TokenConv &c, const float *tokens_a, const float *tokens_b, const float *fc,
+             const float *fc_bias, const float *dep, float *out) {
   const std::vector<float> w = rearranged_weights(c, dep);
   const int64_t d = c.dim, row_size = c.map_row_size();
   float *maps = scratch(0, c.batch * c.length * row_size);
-  compute_maps<V>(c, tokens, fc, fc_bias, maps);
+  compute_maps<V>(c, tokens_a, tokens_b, fc, fc_bias, maps);
   acmix::parallel_for(c.batch * c.height, [&](int64_t first, int64_t last, int64_t) {
     std::vector<float> acc(c.channels);
     std::vector<int64_t> tap(c.taps), index(c.taps);
@@ -424,12 +467,16 @@ void forward(const TokenConv &c, const float *tokens, const float *fc, const flo
 }
 
 template <int V>
-void backward(const TokenConv &c, const float *dout, const float *tokens, const float *fc, const float *fc_bias,
-              const float *dep, float *dtokens, float *dfc, float *dfc_bias, float *ddep) {
-  const int64_t d = c.dim, row_size = c.map_row_size(), token_size = c.groups * d, per_out = c.per_out;
+void backward(const TokenConv &c, const float *dout, const float *tokens_a, const float *tokens_b, const float *fc,
+              const float *fc_bias, const float *dep, float *dtokens_a, float *dtokens_b, float *dfc,
+              float *dfc_bias, float *ddep) {
+  const int64_t d = c.dim, row_size = c.map_row_size(), per_out = c.per_out;
   const std::vector<float> w = rearranged_weights(c, dep);
   float *maps = scratch(0, c.batch * c.length * row_size);
-  compute_maps<V>(c, tokens, fc, fc_bias, maps);
+  compute_maps<V>(c, tokens_a, tokens_b, fc, fc_bias, maps);
+  // the gradient of b's groups per pixel (B, L, groups_b*d), summed over the pixels sharing a b token below
+  const int64_t b_size = c.groups_b * d;
+  float *dtokens_b_full = c.groups_b ? scratch(2, c.batch * c.length * b_size) : nullptr;
   // dout with each pixel's channels j*P + m stored as [m][j]
   float *dout_t = scratch(1, c.batch * c.length * c.channels);
   acmix::parallel_for(c.batch * c.length, [&](int64_t first, int64_t last, int64_t) {
@@ -461,13 +508,32 @@ void backward(const TokenConv &c, const float *dout, const float *tokens, const 
         const int n = neighbours(c, y, x, true, tap.data(), index.data());
         Steps<V>::adjoint(c, w.data(), dout_b, n, tap.data(), index.data(), dmaps.data());
         // through the fc: token gradient, fc and bias gradients
-        Steps<V>::through_fc(c, tokens + (b * c.length + here) * token_size, dmaps.data(), fc,
-                             dtokens + (b * c.length + here) * token_size, gfc, gbias);
+        const PixelTokens at(c, b * c.length + here);
+        Steps<V>::through_fc(c, tokens_a + at.a, tokens_b + at.b, dmaps.data(), fc, dtokens_a + at.a,
+                             dtokens_b_full + (b * c.length + here) * b_size, gfc, gbias);
       }
       // dep gradient of this row's outputs: their output gradients times the maps each tap read
       Steps<V>::dep_grad(c, dout_b, maps_b, y, gdep);
     }
   });
+  if (c.groups_b) {  // each b token: the sum over its pixels, in pixel order (deterministic)
+    std::vector<int64_t> start(c.length_b + 1, 0), pixels(c.length);
+    for (int64_t p = 0; p < c.length; ++p) ++start[c.source[p] + 1];
+    for (int64_t r = 0; r < c.length_b; ++r) start[r + 1] += start[r];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < c.length; ++p) pixels[fill[c.source[p]]++] = p;
+    acmix::parallel_for(c.batch * c.length_b, [&](int64_t first, int64_t last, int64_t) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / c.length_b, r = task % c.length_b;
+        float *__restrict dst = dtokens_b + task * b_size;
+        std::fill(dst, dst + b_size, 0.0f);
+        for (int64_t i = start[r]; i < start[r + 1]; ++i) {
+          const float *__restrict src = dtokens_b_full + (b * c.length + pixels[i]) * b_size;
+          for (int64_t e = 0; e < b_size; ++e) dst[e] += src[e];
+        }
+      }
+    });
+  }
   // chunk partial sums, in chunk order; the dep gradient back to (C, K2, k, k)
   std::fill(dfc, dfc + fc_size, 0.0f);
   std::fill(dfc_bias, dfc_bias + c.k2, 0.0f);
@@ -512,6 +578,7 @@ void dispatch_width(int64_t d, F &&fn) {
 
 extern "C" {
 
+// TokenConvForward: tokens, fc, fc_bias, dep, config (4,) -> out.
 int TokenConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                      void *extra) {
   (void)stream;
@@ -521,16 +588,19 @@ int TokenConvForward(int nparam, void **params, int *ndims, int64_t **shapes, co
     if (!is_float32(dtypes[t])) return 2;
   }
   TokenConv c;
-  if (!read_token_conv(shapes, ndims, static_cast<const int32_t *>(params[4]), &c)) return 2;
+  if (ndims[0] != 3 || !read_token_conv(shapes[0], nullptr, shapes + 1, ndims + 1,
+                                        static_cast<const int32_t *>(params[4]), &c))
+    return 2;
   if (ndims[5] != 3 || shapes[5][0] != c.batch || shapes[5][1] != c.length || shapes[5][2] != c.channels) return 2;
   dispatch_width(c.dim, [&](auto v) {
-    forward<decltype(v)::value>(c, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                                static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-                                static_cast<float *>(params[5]));
+    forward<decltype(v)::value>(c, static_cast<const float *>(params[0]), nullptr,
+                                static_cast<const float *>(params[1]), static_cast<const float *>(params[2]),
+                                static_cast<const float *>(params[3]), static_cast<float *>(params[5]));
   });
   return 0;
 }
 
+// TokenConvBackward: dout, tokens, fc, fc_bias, dep, config -> dtokens, dfc, dfc_bias, ddep.
 int TokenConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                       void *extra) {
   (void)stream;
@@ -540,17 +610,72 @@ int TokenConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
     if (!is_float32(dtypes[t])) return 2;
   }
   TokenConv c;
-  if (!read_token_conv(shapes + 1, ndims + 1, static_cast<const int32_t *>(params[5]), &c)) return 2;
+  if (ndims[1] != 3 || !read_token_conv(shapes[1], nullptr, shapes + 2, ndims + 2,
+                                        static_cast<const int32_t *>(params[5]), &c))
+    return 2;
   if (ndims[0] != 3 || shapes[0][0] != c.batch || shapes[0][1] != c.length || shapes[0][2] != c.channels) return 2;
   for (int t = 0; t < 3; ++t) {
     if (shapes[6][t] != shapes[1][t]) return 2;
   }
   dispatch_width(c.dim, [&](auto v) {
     backward<decltype(v)::value>(
+        c, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), nullptr,
+        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+        static_cast<const float *>(params[4]), static_cast<float *>(params[6]), nullptr,
+        static_cast<float *>(params[7]), static_cast<float *>(params[8]), static_cast<float *>(params[9]));
+  });
+  return 0;
+}
+
+// TokenConvSplitForward: tokens_a (B, L, Ga*d), tokens_b (B, H_b*W_b, Gb*d), fc, fc_bias, dep,
+// config (6,) = H, W, shift, k, H_b, W_b -> out. Group g < Ga of pixel p is a's; the others are b's token at
+// the nearest-upsampling source of p (PVT-ACmix: q at full resolution, the reduced k and v).
+int TokenConvSplitForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 7) return 1;
+  for (int t : {0, 1, 2, 3, 4, 6}) {
+    if (!is_float32(dtypes[t])) return 2;
+  }
+  TokenConv c;
+  if (ndims[0] != 3 || ndims[1] != 3 || ndims[5] != 1 || shapes[5][0] != 6 ||
+      !read_token_conv(shapes[0], shapes[1], shapes + 2, ndims + 2, static_cast<const int32_t *>(params[5]), &c))
+    return 2;
+  if (ndims[6] != 3 || shapes[6][0] != c.batch || shapes[6][1] != c.length || shapes[6][2] != c.channels) return 2;
+  dispatch_width(c.dim, [&](auto v) {
+    forward<decltype(v)::value>(c, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                                static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                                static_cast<const float *>(params[4]), static_cast<float *>(params[6]));
+  });
+  return 0;
+}
+
+// TokenConvSplitBackward: dout, tokens_a, tokens_b, fc, fc_bias, dep, config -> dtokens_a, dtokens_b, dfc,
+// dfc_bias, ddep.
+int TokenConvSplitBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 12) return 1;
+  for (int t : {0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11}) {
+    if (!is_float32(dtypes[t])) return 2;
+  }
+  TokenConv c;
+  if (ndims[1] != 3 || ndims[2] != 3 || ndims[6] != 1 || shapes[6][0] != 6 ||
+      !read_token_conv(shapes[1], shapes[2], shapes + 3, ndims + 3, static_cast<const int32_t *>(params[6]), &c))
+    return 2;
+  if (ndims[0] != 3 || shapes[0][0] != c.batch || shapes[0][1] != c.length || shapes[0][2] != c.channels) return 2;
+  for (int t = 0; t < 3; ++t) {
+    if (shapes[7][t] != shapes[1][t] || shapes[8][t] != shapes[2][t]) return 2;
+  }
+  dispatch_width(c.dim, [&](auto v) {
+    backward<decltype(v)::value>(
         c, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-        static_cast<const float *>(params[4]), static_cast<float *>(params[6]), static_cast<float *>(params[7]),
-        static_cast<float *>(params[8]), static_cast<float *>(params[9]));
+        static_cast<const float *>(params[4]), static_cast<const float *>(params[5]), static_cast<float *>(params[7]),
+        static_cast<float *>(params[8]), static_cast<float *>(params[9]), static_cast<float *>(params[10]),
+        static_cast<float *>(params[11]));
   });
   return 0;
 }
