@@ -12,6 +12,7 @@ from mindspore import Tensor, nn, ops
 
 from .base import ACmixBase
 from .layout import Permute
+from .linear import Dense
 from .validation import check_divisible, check_positive_int
 
 
@@ -47,13 +48,13 @@ class ACmixGlobal(ACmixBase):
         self.sr_ratio = sr_ratio
         self.num_prefix_tokens = num_prefix_tokens
         self.scale = head_dim ** -0.5
-        self.q = nn.Dense(dim, dim, has_bias=qkv_bias)
-        self.kv = nn.Dense(dim, 2 * dim, has_bias=qkv_bias)
+        self.q = Dense(dim, dim, has_bias=qkv_bias)
+        self.kv = Dense(dim, 2 * dim, has_bias=qkv_bias)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, pad_mode="valid", has_bias=True)
             self.norm = nn.LayerNorm((dim,), epsilon=norm_eps)
         if self.has_attention:
-            self.proj = nn.Dense(dim, dim)
+            self.proj = Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)

@@ -21,6 +21,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal
 from .base import ACmixBase
 from .constants import INIT_STD
 from .layout import Permute
+from .linear import Dense
 from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
@@ -116,11 +117,17 @@ class TokenPermutation(nn.Cell):
     scatter-add gradient). Inputs: x (B, L, C), order (L,) int32, inverse (L,) int32. Outputs: (B, L, C).
     """
 
+    def __init__(self):
+        super().__init__()
+        # one Gather primitive for both passes: the functional ops.gather inside a bprop failed to compile
+        # ("func graph is empty") next to another custom-bprop Cell (Dense's bias gradient) in MindSpore 2.8
+        self.gather = ops.Gather()
+
     def construct(self, x, order, inverse):
-        return ops.gather(x, order, 1)
+        return self.gather(x, order, 1)
 
     def bprop(self, x, order, inverse, out, dout):
-        return ops.gather(dout, inverse, 1), ops.zeros_like(order), ops.zeros_like(inverse)
+        return self.gather(dout, inverse, 1), ops.zeros_like(order), ops.zeros_like(inverse)
 
 
 class ACmixWindow(ACmixBase):
@@ -161,12 +168,12 @@ class ACmixWindow(ACmixBase):
         self.shift_size = shift_size
         self.conv_on_shifted_map = conv_on_shifted_map
         self.scale = head_dim ** -0.5
-        self.qkv = nn.Dense(dim, 3 * dim, has_bias=qkv_bias)
+        self.qkv = Dense(dim, 3 * dim, has_bias=qkv_bias)
         if self.has_attention:
             table = initializer(TruncatedNormal(INIT_STD), ((2 * window_size - 1) ** 2, num_heads), ms.float32)
             self.relative_position_bias_table = Parameter(table, name="relative_position_bias_table")
             self.relative_position_index = Tensor(relative_position_index(window_size).reshape(-1))
-            self.proj = nn.Dense(dim, dim)
+            self.proj = Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.permute = TokenPermutation()

@@ -21,6 +21,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 
 from acmix_ms.constants import INIT_STD
 from acmix_ms.layout import Permute, cpu_transformer_kernel
+from acmix_ms.linear import Dense
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
 
@@ -179,12 +180,13 @@ class GELU(nn.Cell):
 
 
 def set_fused_kernels(network, enabled):
-    """Switch the fused CPU kernels of the transformer layers (``GELU``, ``LayerNorm``) of ``network`` on or off (off:
+    """Switch the fused CPU kernels of the transformer layers (``GELU``, ``LayerNorm``, ``Dense``'s bias gradient) of
+    ``network`` on or off (off:
     standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
     afterwards (on) or were switched off (off)."""
     count = 0
     for _, cell in network.cells_and_names():
-        if isinstance(cell, (GELU, LayerNorm)) and cell.kernel is not None:
+        if isinstance(cell, (GELU, LayerNorm, Dense)) and cell.kernel is not None:
             if cell.use_kernel != enabled or enabled:
                 count += 1
             cell.use_kernel = bool(enabled)
@@ -202,9 +204,9 @@ class Mlp(nn.Cell):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Dense(in_features, hidden_features)
+        self.fc1 = Dense(in_features, hidden_features)
         self.act = GELU()
-        self.fc2 = nn.Dense(hidden_features, out_features)
+        self.fc2 = Dense(hidden_features, out_features)
         self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
 
     def construct(self, x):

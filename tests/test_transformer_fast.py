@@ -177,6 +177,39 @@ def test_gelu_kernel_matches_numpy_and_mindspore_gelu():
     np.testing.assert_array_equal(net(ms.Tensor(x)).asnumpy(), reference(ms.Tensor(x)).asnumpy())
 
 
+@pytest.mark.parametrize("shape,out_features", [((2, 9, 24), 40), ((5, 16), 7)])
+def test_dense_bias_kernel_matches_numpy_and_nn_dense(shape, out_features):
+    """``acmix_ms.linear.Dense`` (bias gradient by the CPU column-sum kernel): output and the gradients of the
+    input, weight and bias against float64 NumPy and ``nn.Dense``; switched off it is ``nn.Dense``."""
+    from mindspore import nn
+    from acmix_ms.linear import Dense
+    from models.layers import set_fused_kernels
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape[:-1] + (out_features,)).astype(np.float32)
+    weight = rng.standard_normal((out_features, shape[-1])).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    x64, dy64, w64 = x.astype(np.float64), dy.astype(np.float64), weight.astype(np.float64)
+    rows = tuple(range(x.ndim - 1))
+    expected = (x64 @ w64.T + bias, dy64 @ w64, np.tensordot(dy64, x64, (rows, rows)), dy64.sum(rows))
+    fast = Dense(shape[-1], out_features)
+    if ms.get_context("device_target") == "CPU":
+        assert fast.use_kernel
+    reference = nn.Dense(shape[-1], out_features)
+    for layer in (fast, reference):
+        layer.weight.set_data(ms.Tensor(weight))
+        layer.bias.set_data(ms.Tensor(bias))
+        np.testing.assert_allclose(layer(ms.Tensor(x)).asnumpy(), expected[0], rtol=1e-5, atol=1e-5)
+        grad_x, (grad_w, grad_b) = ms.grad(_probe_loss(layer, dy), grad_position=0,
+                                          weights=[layer.weight, layer.bias])(ms.Tensor(x))
+        for got, want in zip((grad_x, grad_w, grad_b), expected[1:]):
+            np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-4, atol=1e-4)
+    net = nn.SequentialCell([Dense(shape[-1], out_features)])
+    assert set_fused_kernels(net, False) == (1 if fast.kernel is not None else 0)
+    assert not net[0].use_kernel
+    assert Dense(4, 3, has_bias=False).kernel is None  # no bias: nothing to replace
+
+
 def _layer_norm_numpy(x, gamma, beta, eps, dy):
     """float64 LayerNorm over the last axis and its gradients (explicit formulas)."""
     mean = x.mean(-1, keepdims=True)

@@ -21,6 +21,11 @@
 // (acmix_ms/layout.py); a Custom op's output is reused like any other.
 // PermuteForward  inputs x, config (rank,) int32 = dims     output y with y.shape[k] = x.shape[dims[k]]
 //
+// Bias gradient of a dense layer: the column sums of dy (R.., C), as BiasAddGrad. Why: MindSpore 2.8's CPU
+// BiasAddGrad took ~10 % of a Swin-T training step (240 ms of 2.3 s at batch 8, 224 px), several times the
+// time to read its input; here rows are summed in chunks (vectorised over C, threaded), the chunks in order.
+// BiasGrad  inputs dy (R.., C)     output db (C)
+//
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
 // params = inputs then outputs. Return 0 on success; anything else makes MindSpore raise.
@@ -329,6 +334,33 @@ int PermuteForward(int nparam, void **params, int *ndims, int64_t **shapes, cons
       }
     }
   });
+  return 0;
+}
+
+int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+             void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 2) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || ndims[0] < 1 || ndims[1] != 1) return 2;
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != cols) return 2;
+  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
+  const float *dy = static_cast<const float *>(params[0]);
+  float *db = static_cast<float *>(params[1]);
+  const int64_t count = chunks(rows);
+  std::vector<float> partial(std::max<int64_t>(count, 1) * cols, 0.0f);
+  for_rows(rows, [&](int64_t begin, int64_t end, int64_t chunk) {
+    float *__restrict sum = partial.data() + chunk * cols;
+    for (int64_t r = begin; r < end; ++r) {
+      const float *__restrict row = dy + r * cols;
+      for (int64_t c = 0; c < cols; ++c) sum[c] += row[c];
+    }
+  });
+  std::fill(db, db + cols, 0.0f);
+  for (int64_t chunk = 0; chunk < count; ++chunk) {
+    for (int64_t c = 0; c < cols; ++c) db[c] += partial[chunk * cols + c];
+  }
   return 0;
 }
 

@@ -1,6 +1,7 @@
 """Fused CPU kernels of the transformer layers (``ops.Custom`` func_type 'aot', source ``transformer_cpu.cc``).
 
-``CpuGelu``: the exact (erf) GELU in one pass, forward and backward. ``CpuLayerNorm``: LayerNorm over the last
+``CpuGelu``: the exact (erf) GELU in one pass, forward and backward. ``CpuBiasAdd``: x + bias over the last
+axis (MindSpore's BiasAdd) with the bias gradient as a threaded column sum. ``CpuLayerNorm``: LayerNorm over the last
 axis, one pass per row forward, one backward (dx, dgamma, dbeta). Float32 only. Callers pick them through
 ``models.layers.GELU`` / ``models.layers.LayerNorm``, which fall back to MindSpore's ops on other devices, other
 dtypes, or when the kernels cannot be built.
@@ -115,3 +116,24 @@ class CpuPermute(nn.Cell):
 
 def _same_dtype_first(first, *others):
     return first
+
+
+def _bias_shape(dy):
+    return [dy[-1]]
+
+
+class CpuBiasAdd(nn.Cell):
+    """(x (..., C), bias (C,)) -> x + bias (``ops.bias_add`` on the rows); bprop: (dout, column sums of dout)
+    by the kernel ``BiasGrad`` instead of MindSpore's BiasAddGrad. Float32."""
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.grad_kernel = ops.Custom(f"{library}:BiasGrad", out_shape=_bias_shape, out_dtype=_same_dtype_first,
+                                      func_type="aot")
+
+    def construct(self, x, bias):
+        return ops.bias_add(x, bias)
+
+    def bprop(self, x, bias, out, dout):
+        return dout, self.grad_kernel(dout)
