@@ -81,19 +81,31 @@ class CpuGroupConv(nn.Cell):
 TOKEN_SOURCE = "token_conv_cpu.cc"
 
 
-def _token_conv_shape(tokens, fc, fc_bias, dep, config):
-    return [tokens[0], tokens[1], dep[0]]
+def _token_conv_shape(*inputs):  # (tokens.., fc, fc_bias, dep, config) -> (B, H*W, C)
+    return [inputs[0][0], inputs[0][1], inputs[-2][0]]
 
 
-def _token_conv_grad_shapes(dout, tokens, fc, fc_bias, dep, config):
-    return list(tokens), list(fc), list(fc_bias), list(dep)
+def _token_conv_grad_shapes(*inputs):  # (dout, tokens.., fc, fc_bias, dep, config) -> like tokens.., fc, ..., dep
+    return tuple(list(shape) for shape in inputs[1:-1])
 
 
-def _token_conv_grad_dtypes(dout, tokens, fc, fc_bias, dep, config):
-    return tokens, fc, fc_bias, dep
+def _token_conv_grad_dtypes(*inputs):
+    return tuple(inputs[1:-1])
 
 
-class CpuTokenConv(nn.Cell):
+class _TokenConvKernels(nn.Cell):
+    """The forward and backward ``ops.Custom`` of one token conv-path kernel pair of token_conv_cpu.cc."""
+
+    def __init__(self, name):
+        super().__init__()
+        library = compiled_library(TOKEN_SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:{name}Forward", out_shape=_token_conv_shape,
+                                         out_dtype=_first_dtype, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:{name}Backward", out_shape=_token_conv_grad_shapes,
+                                          out_dtype=_token_conv_grad_dtypes, func_type="aot")
+
+
+class CpuTokenConv(_TokenConvKernels):
     """The whole conv path on channels-last tokens, optionally on the cyclically shifted map (Swin-ACmix):
 
     (tokens (B, H*W, G*d) in map order, fc (K2, G), fc_bias (K2,), dep (C, K2, k, k), config int32 (4,) =
@@ -104,12 +116,7 @@ class CpuTokenConv(nn.Cell):
     """
 
     def __init__(self):
-        super().__init__()
-        library = compiled_library(TOKEN_SOURCE)
-        self.forward_kernel = ops.Custom(f"{library}:TokenConvForward", out_shape=_token_conv_shape,
-                                         out_dtype=_first_dtype, func_type="aot")
-        self.backward_kernel = ops.Custom(f"{library}:TokenConvBackward", out_shape=_token_conv_grad_shapes,
-                                          out_dtype=_token_conv_grad_dtypes, func_type="aot")
+        super().__init__("TokenConv")
 
     def construct(self, tokens, fc, fc_bias, dep, config):
         return self.forward_kernel(tokens, fc, fc_bias, dep, config)
@@ -119,19 +126,7 @@ class CpuTokenConv(nn.Cell):
         return grads[0], grads[1], grads[2], grads[3], ops.zeros_like(config)
 
 
-def _split_conv_shape(tokens_a, tokens_b, fc, fc_bias, dep, config):
-    return [tokens_a[0], tokens_a[1], dep[0]]
-
-
-def _split_conv_grad_shapes(dout, tokens_a, tokens_b, fc, fc_bias, dep, config):
-    return list(tokens_a), list(tokens_b), list(fc), list(fc_bias), list(dep)
-
-
-def _split_conv_grad_dtypes(dout, tokens_a, tokens_b, fc, fc_bias, dep, config):
-    return tokens_a, tokens_b, fc, fc_bias, dep
-
-
-class CpuSplitTokenConv(nn.Cell):
+class CpuSplitTokenConv(_TokenConvKernels):
     """``CpuTokenConv`` with the groups in two inputs: (tokens_a (B, H*W, Ga*d), tokens_b (B, H_b*W_b, Gb*d), fc,
     fc_bias, dep, config int32 (6,) = (H, W, shift, k, H_b, W_b)) -> (B, H*W, C); pixel (y, x) reads b's token at
     (floor(y * H_b / H), floor(x * W_b / W)) (nearest upsampling), i.e. the conv path of
@@ -139,12 +134,7 @@ class CpuSplitTokenConv(nn.Cell):
     Kernels ``TokenConvSplitForward`` / ``TokenConvSplitBackward`` of token_conv_cpu.cc."""
 
     def __init__(self):
-        super().__init__()
-        library = compiled_library(TOKEN_SOURCE)
-        self.forward_kernel = ops.Custom(f"{library}:TokenConvSplitForward", out_shape=_split_conv_shape,
-                                         out_dtype=_first_dtype, func_type="aot")
-        self.backward_kernel = ops.Custom(f"{library}:TokenConvSplitBackward", out_shape=_split_conv_grad_shapes,
-                                          out_dtype=_split_conv_grad_dtypes, func_type="aot")
+        super().__init__("TokenConvSplit")
 
     def construct(self, tokens_a, tokens_b, fc, fc_bias, dep, config):
         return self.forward_kernel(tokens_a, tokens_b, fc, fc_bias, dep, config)
