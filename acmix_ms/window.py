@@ -176,7 +176,7 @@ class ACmixWindow(ACmixBase):
             self.proj = Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
-        self.permute = TokenPermutation()
+        self.token_gather = TokenPermutation()  # cyclic shift + window partition as one gather
         self.swap_tokens = Permute((0, 2, 1))  # (B, L, C) <-> (B, C, L)
         self.swap_heads = Permute((0, 2, 1, 3))  # (B*nW, w*w, N, d) <-> (B*nW, N, w*w, d)
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
@@ -212,7 +212,7 @@ class ACmixWindow(ACmixBase):
         if self.uses_token_conv(tokens.dtype):  # one kernel on the tokens: no transposes, the shift as indices
             return self.conv_path_tokens(tokens, height, width, self.shift_size if self.conv_on_shifted_map else 0)
         if self.conv_on_shifted_map and shift is not None:
-            return self.permute(self._conv_map(self.permute(tokens, shift, shift_inv), batch, height, width),
+            return self.token_gather(self._conv_map(self.token_gather(tokens, shift, shift_inv), batch, height, width),
                                 shift_inv, shift)
         return self._conv_map(tokens, batch, height, width)
 
@@ -231,7 +231,7 @@ class ACmixWindow(ACmixBase):
         w2 = self.window_size * self.window_size
         length = tokens.shape[1]
         if order is not None:
-            tokens = self.permute(tokens, order, order_inv)
+            tokens = self.token_gather(tokens, order, order_inv)
         query, key, value = ops.split(tokens.reshape(-1, w2, 3 * self.dim), self.dim, -1)  # (B*nW, w*w, C) each
         query = self._heads(query) * self.scale  # (B*nW, N, w*w, d)
         logits = self.matmul_qk(query, self._heads(key))
@@ -249,7 +249,7 @@ class ACmixWindow(ACmixBase):
         out = self.swap_heads(ops.matmul(weights, self._heads(value))).reshape(batch, length, self.dim)
         out = self.proj(out)
         if order is not None:
-            out = self.permute(out, order_inv, order)
+            out = self.token_gather(out, order_inv, order)
         return out
 
     def _heads(self, x):
