@@ -212,8 +212,8 @@ class ACmixWindow(ACmixBase):
         if self.uses_token_conv(tokens.dtype):  # one kernel on the tokens: no transposes, the shift as indices
             return self.conv_path_tokens(tokens, height, width, self.shift_size if self.conv_on_shifted_map else 0)
         if self.conv_on_shifted_map and shift is not None:
-            return self.token_gather(self._conv_map(self.token_gather(tokens, shift, shift_inv), batch, height, width),
-                                shift_inv, shift)
+            shifted = self.token_gather(tokens, shift, shift_inv)
+            return self.token_gather(self._conv_map(shifted, batch, height, width), shift_inv, shift)
         return self._conv_map(tokens, batch, height, width)
 
     def _conv_map(self, tokens, batch, height, width):
