@@ -45,7 +45,7 @@ def group_conv(in_channels, out_channels, kernel_size, stride, groups, device_ta
     return GroupConv(kernel_size, stride, groups)
 
 
-TOKEN_LAYOUTS = (None, "tokens", "split")
+TOKEN_LAYOUTS = ("tokens", "split")
 
 
 def token_conv(layout="tokens", device_target=None, use_kernel=True):
@@ -53,7 +53,7 @@ def token_conv(layout="tokens", device_target=None, use_kernel=True):
     'tokens': q, k, v in one (B, H*W, 3C) tensor) or ``CpuSplitTokenConv`` ('split': full-resolution q and a
     reduced k, v) of ``acmix_ms.kernels.conv_path_cpu``; else None (GPU, Ascend, no compiler,
     ``use_kernel=False``: the layer transposes to channel-major and runs ``conv_path``)."""
-    check_choice("layout", layout, TOKEN_LAYOUTS[1:])
+    check_choice("layout", layout, TOKEN_LAYOUTS)
     if use_kernel and (device_target or ms.get_context("device_target")) == "CPU":
         try:
             from .kernels import conv_path_cpu  # compiles the C++ at first use
