@@ -117,7 +117,7 @@ def run(args):
     from engine.logger import RateProgress
     from engine.metrics import evaluate
     from engine.tasks import resolve
-    from engine.runtime import (check_positive_arguments, check_writable_folder, given_run_options,
+    from engine.runtime import (ReleasingCaller, check_positive_arguments, check_writable_folder, given_run_options,
                                 model_from_checkpoint, setup_context)
     check_positive_arguments(args, "batch_size", "num_workers", "image_size", "num_classes")
     if args.json_path:
@@ -131,7 +131,7 @@ def run(args):
         class_names, num_classes, fixed_batch = meta.get("class_names"), meta["num_classes"], None
         model.set_train(False)
 
-        network = resolve(cfg).inference_network(model, cfg)
+        network = ReleasingCaller(resolve(cfg).inference_network(model, cfg))
 
         def predict(images):
             return _numpy(network(ms.Tensor(images)))

@@ -11,6 +11,7 @@ docs/benchmarks.md, "Transposes that were never freed".
 not measured there), for other dtypes, when the kernel cannot be built (warning), and after
 ``set_permute_kernels(net, False)`` — which every export path calls, so files hold the plain ``Transpose``.
 """
+import importlib
 import warnings
 from typing import Optional, Sequence
 
@@ -18,17 +19,22 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
-def cpu_transformer_kernel(name: str, device_target: Optional[str], *args):
-    """``acmix_ms.kernels.transformer_cpu.<name>(*args)`` on the CPU backend, None elsewhere or when the C++
-    cannot be built (with a warning)."""
+def cpu_kernel(module: str, name: str, device_target: Optional[str], *args):
+    """``acmix_ms.kernels.<module>.<name>(*args)`` on the CPU backend, None elsewhere or when the C++ cannot be
+    built (with a warning)."""
     if (device_target or ms.get_context("device_target")) != "CPU":
         return None
     try:
-        from .kernels import transformer_cpu  # compiles the C++ at first use
-        return getattr(transformer_cpu, name)(*args)
+        kernels = importlib.import_module(f"{__package__}.kernels.{module}")
+        return getattr(kernels, name)(*args)  # compiles the C++ at first use
     except (RuntimeError, OSError) as error:  # KernelBuildError is a RuntimeError
         warnings.warn(f"{name}: the CPU kernel is not available ({error}); using MindSpore's ops")
         return None
+
+
+def cpu_transformer_kernel(name: str, device_target: Optional[str], *args):
+    """``cpu_kernel`` of ``acmix_ms.kernels.transformer_cpu``."""
+    return cpu_kernel("transformer_cpu", name, device_target, *args)
 
 
 def check_permutation(dims: Sequence[int]) -> tuple:

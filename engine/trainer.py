@@ -27,8 +27,8 @@ from .config import Config, ConfigError
 from .data import DataError, find_bad_images, image_checker, steps_per_epoch
 from .logger import MetricsWriter, PLOT_FILE, METRICS_FILE, ProgressMeter, format_duration, plot_curves, \
     setup_logging
-from .runtime import (build_model, check_input_size, check_writable_folder, describe_attention_backends,
-                      init_distributed, model_kwargs, setup_context)
+from .runtime import (build_model, check_input_size, check_writable_folder, compile_then_release,
+                      describe_attention_backends, init_distributed, model_kwargs, setup_context)
 
 LAST, BEST = "last.ckpt", "best.ckpt"
 EPOCH_PATTERN = "epoch_[0-9][0-9][0-9]*.ckpt"
@@ -125,6 +125,7 @@ class Trainer:
         import mindspore as ms
         self.sinking = cfg.data_sink and ms.get_context("device_target") in ("Ascend", "GPU")
         self._sink_note_logged = False
+        self._step_compiled = False
 
     # ---- construction -------------------------------------------------------------------------------
     def _prepare_output_dir(self):
@@ -430,7 +431,11 @@ class Trainer:
         iterator = dataset.create_tuple_iterator(num_epochs=1, do_copy=False)
 
         def run():
-            return self.monitored(*next(iterator))  # images, labels (, random-erasing draws)
+            batch = next(iterator)  # images, labels (, random-erasing draws)
+            if not self._step_compiled:  # compile first, then free the compiler's heap before the step runs
+                compile_then_release(self.monitored, *batch)
+                self._step_compiled = True
+            return self.monitored(*batch)
         return run
 
     def fit(self) -> dict:

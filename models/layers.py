@@ -1,9 +1,10 @@
-"""Layers and helpers shared by the transformer families (Swin, PVT).
+"""Layers and helpers shared by the model families.
 
 - ``DropPath``: stochastic depth (drops whole residual branches per sample while training).
 - ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
 - ``GELU``, ``LayerNorm``: fused C++ kernels on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
-  ops elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
+  ops elsewhere; ``MaxPool2d`` (ResNet's stem) and ``BatchNorm2d``: C++ kernels on CPU (``cnn_cpu.cc``),
+  MindSpore's layers elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
 - ``build_model_with_cfg``: the one builder of every family: a model class called with its registered
@@ -20,7 +21,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 
 from acmix_ms.constants import INIT_STD
-from acmix_ms.layout import Permute, cpu_transformer_kernel
+from acmix_ms.layout import Permute, cpu_kernel, cpu_transformer_kernel
 from acmix_ms.linear import Dense
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
@@ -180,13 +181,13 @@ class GELU(nn.Cell):
 
 
 def set_fused_kernels(network, enabled):
-    """Switch the fused CPU kernels of the transformer layers (``GELU``, ``LayerNorm``, ``Dense``'s bias gradient) of
-    ``network`` on or off (off:
+    """Switch the fused CPU kernels of the layers (``GELU``, ``LayerNorm``, ``Dense``'s bias gradient, ``MaxPool2d``,
+    ``BatchNorm2d``) of ``network`` on or off (off:
     standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
     afterwards (on) or were switched off (off)."""
     count = 0
     for _, cell in network.cells_and_names():
-        if isinstance(cell, (GELU, LayerNorm, Dense)) and cell.kernel is not None:
+        if isinstance(cell, (GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d)) and cell.kernel is not None:
             if cell.use_kernel != enabled or enabled:
                 count += 1
             cell.use_kernel = bool(enabled)
@@ -312,6 +313,62 @@ class LayerNorm(nn.LayerNorm):
     def construct(self, x):
         if self.use_kernel and x.dtype == ms.float32:
             return self.kernel(x, self.gamma, self.beta)[0]
+        return super().construct(x)
+
+
+class MaxPool2d(nn.Cell):
+    """Max pooling with implicit -inf padding, ``nn.MaxPool2d(kernel_size, stride, pad_mode="pad", padding)``'s
+    results, that runs the C++ kernel ``CpuMaxPool2d`` on the CPU backend for float32 inputs (MindSpore 2.8 runs
+    the padded pooling there as MaxPool3DWithArgmax: 12 % of a ResNet-26 inference step). Elsewhere, for other
+    dtypes, when the kernel cannot be built (warning), or after ``set_fused_kernels(net, False)``: ``nn.MaxPool2d``.
+    Gradients equal nn.MaxPool2d's except where a window holds its maximum twice (tests/test_cnn_fast.py).
+
+    Inputs: (B, C, H, W). Outputs: (B, C, (H + 2 p - k) // s + 1, (W + 2 p - k) // s + 1).
+    """
+
+    def __init__(self, kernel_size, stride, padding=0, device_target=None):
+        super().__init__()
+        kernel, strides, pads = (to_2tuple(kernel_size, "kernel_size"), to_2tuple(stride, "stride"),
+                                 to_2tuple(padding, "padding"))
+        if min(kernel + strides) < 1 or min(pads) < 0 or any(2 * p > k for p, k in zip(pads, kernel)):
+            raise ValueError(f"MaxPool2d needs kernel_size and stride >= 1 and 0 <= padding <= kernel_size / 2, got "
+                             f"kernel_size={kernel_size}, stride={stride}, padding={padding}")
+        self.reference = nn.MaxPool2d(kernel, strides, pad_mode="pad", padding=pads)
+        self.kernel = cpu_kernel("cnn_cpu", "CpuMaxPool2d", device_target, kernel, strides, pads)
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x)[0]
+        return self.reference(x)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters ``gamma``/``beta``/``moving_mean``/``moving_variance``, same results and
+    running-statistics update) that runs the C++ kernel ``CpuBatchNorm`` on the CPU backend for float32 (B, C, H, W)
+    inputs: one pass for the statistics-free inference, the training pass and its backward each over the data twice
+    (MindSpore 2.8's BatchNorm + BatchNormGrad were a third of a resnet_tiny training step on CPU). Elsewhere, for
+    other dtypes, with ``use_batch_statistics`` set, when the kernel cannot be built (warning), or after
+    ``set_fused_kernels(net, False)``: ``nn.BatchNorm2d``. tests/test_cnn_fast.py checks both against NumPy.
+
+    Inputs: (B, C, H, W). Outputs: same shape.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, device_target=None, **kwargs):
+        super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
+        default_mode = self.use_batch_statistics is None and self.format == "NCHW"
+        # self.momentum is nn.BatchNorm2d's stored weight of the batch statistics (1 - the momentum argument)
+        self.kernel = (cpu_kernel("cnn_cpu", "CpuBatchNorm", device_target, eps, self.momentum) if default_mode
+                       else None)
+        self.use_kernel = self.kernel is not None
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32 and x.ndim == 4:
+            if self.training:
+                y, _, _, mean, var = self.kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)
+                y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(mean)))
+                return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(var)))
+            return self.kernel.infer(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)
         return super().construct(x)
 
 

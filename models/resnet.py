@@ -25,8 +25,8 @@ from acmix_ms import ACmixLocal, ShiftConv
 from acmix_ms.spatial import out_size
 from acmix_ms.validation import check_choice, check_positive_int
 
-from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
-                     check_out_indices, drop_path_rates)
+from .layers import (BatchNorm2d, DropPath, MaxPool2d, StagedBackbone, build_model_with_cfg, check_block_counts,
+                     check_num_classes, check_out_indices, drop_path_rates)
 from .registry import register_model
 
 __all__ = ["ResNet", "Bottleneck"]
@@ -66,20 +66,20 @@ class Bottleneck(nn.Cell):
         super().__init__()
         out_channels = width * EXPANSION
         self.conv1 = conv1x1(in_channels, width)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         if acmix is None:
             self.conv2 = nn.Conv2d(width, width, 3, stride=stride, pad_mode="pad", padding=1, has_bias=False)
         else:
             self.conv2 = ACmixLocal(width, width, stride=stride, **acmix)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_channels)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = BatchNorm2d(out_channels)
         self.relu = nn.ReLU()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.downsample = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.SequentialCell(conv1x1(in_channels, out_channels, stride),
-                                                nn.BatchNorm2d(out_channels))
+                                                BatchNorm2d(out_channels))
 
     def construct(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -127,12 +127,12 @@ class ResNet(StagedBackbone):
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, base_width, 7, stride=2, pad_mode="pad", padding=3, has_bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, pad_mode="pad", padding=1)
+            self.maxpool = MaxPool2d(3, 2, padding=1)
             stem_reduction = 4
         else:
             self.conv1 = nn.Conv2d(in_chans, base_width, 3, stride=1, pad_mode="pad", padding=1, has_bias=False)
             stem_reduction = 1
-        self.bn1 = nn.BatchNorm2d(base_width)
+        self.bn1 = BatchNorm2d(base_width)
         self.relu = nn.ReLU()
 
         in_channels = base_width

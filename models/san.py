@@ -30,8 +30,8 @@ from acmix_ms import ACmixPatchwise
 from acmix_ms.validation import check_positive_int
 
 from .registry import register_model
-from .layers import (DropPath, StagedBackbone, build_model_with_cfg, check_block_counts, check_num_classes,
-                     check_out_indices, drop_path_rates)
+from .layers import (BatchNorm2d, DropPath, StagedBackbone, build_model_with_cfg, check_block_counts,
+                     check_num_classes, check_out_indices, drop_path_rates)
 
 __all__ = ["SAN", "SANBottleneck"]
 
@@ -61,10 +61,10 @@ class SANBottleneck(nn.Cell):
     def __init__(self, channels, kernel_att, share_planes=8, sam_options=None, drop_path=0.0):
         super().__init__()
         mid_channels = channels // 4
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = BatchNorm2d(channels)
         self.sam = ACmixPatchwise(channels, channels // 16, mid_channels, share_planes=share_planes,
                                   kernel_att=kernel_att, **(sam_options or {}))
-        self.bn2 = nn.BatchNorm2d(mid_channels)
+        self.bn2 = BatchNorm2d(mid_channels)
         self.conv = nn.Conv2d(mid_channels, channels, 1, pad_mode="valid", has_bias=True)
         self.relu = nn.ReLU()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -112,7 +112,7 @@ class SAN(StagedBackbone):
         sam_options = dict(sam_options or {})
 
         self.conv_in = nn.Conv2d(in_chans, base_width, 1, pad_mode="valid", has_bias=False)
-        self.bn_in = nn.BatchNorm2d(base_width)
+        self.bn_in = BatchNorm2d(base_width)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2, 2)
         in_channels = base_width
@@ -121,7 +121,7 @@ class SAN(StagedBackbone):
         for index, (blocks, kernel) in enumerate(zip(layers, kernels)):
             channels = base_width * STAGE_WIDTH_FACTORS[index]
             setattr(self, f"conv{index}", nn.Conv2d(in_channels, channels, 1, pad_mode="valid", has_bias=False))
-            setattr(self, f"bn{index}", nn.BatchNorm2d(channels))
+            setattr(self, f"bn{index}", BatchNorm2d(channels))
             setattr(self, f"layer{index}", nn.SequentialCell(
                 [SANBottleneck(channels, kernel, share_planes, sam_options, next(block_drop_paths))
                  for _ in range(blocks)]))

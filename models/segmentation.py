@@ -31,7 +31,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import initializer, Normal, Zero
 
 from acmix_ms.spatial import zero_pad
-from .layers import build_model_with_cfg, class_options
+from .layers import BatchNorm2d, build_model_with_cfg, class_options
 from .registry import create_model, register_model
 
 NORMS = ("bn", "gn")
@@ -50,7 +50,7 @@ def resize(x, size, mode="bilinear"):
 def norm_layer(kind, channels):
     """'bn': BatchNorm2d (torch momentum 0.1); 'gn': GroupNorm with gcd(32, channels) groups."""
     if kind == "bn":
-        return nn.BatchNorm2d(channels, momentum=0.9)
+        return BatchNorm2d(channels, momentum=0.9)
     if kind == "gn":
         return nn.GroupNorm(math.gcd(32, channels), channels)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")

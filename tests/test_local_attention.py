@@ -235,8 +235,12 @@ def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path,
     twin = models.create_model("resnet_tiny_acmix", num_classes=10)
     ms.load_param_into_net(twin, net.parameters_dict(), strict_load=True)
     twin.set_train(False)
-    assert export_script.make_exportable(twin) == 8  # 4 attention kernels, 4 conv-path group convolutions
+    from models.layers import BatchNorm2d
+    norms = sum(isinstance(cell, BatchNorm2d) for _, cell in twin.cells_and_names())
+    # 4 attention kernels, 4 conv-path group convolutions, the batch norms (tests/test_cnn_fast.py)
+    assert export_script.make_exportable(twin) == 8 + norms
     printed = capsys.readouterr().out
+    assert f"{norms} layer(s) (GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d) ran a CPU kernel" in printed
     assert "4 sliding-window attention layer(s) ran a device kernel" in printed
     assert "4 ACmix conv path(s) ran a device kernel" in printed
     assert attention_backends(twin) == {"unfold": 4} and attention_backends(net) == {"CPU": 4}
@@ -261,8 +265,11 @@ def test_export_cli_switches_kernel_layers_to_the_chosen_implementation(tmp_path
     printed = capsys.readouterr().out
     assert code == 0 and output.is_file()
     assert "exported with attention_impl='lean'" in printed and "max |diff|" in printed
-    assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 8  # attention + conv
-    assert b"LocalAttentionForward" not in output.read_bytes() and b"GroupConvForward" not in output.read_bytes()
+    # 4 attention + 4 conv-path kernels and the 17 batch norms (stem, 3 per block, 4 downsamples)
+    assert json.loads((tmp_path / "lean.mindir.json").read_text())["kernel_layers_switched"] == 8 + 17
+    exported = output.read_bytes()
+    assert not any(name in exported for name in (b"LocalAttentionForward", b"GroupConvForward", b"BatchNormTrain",
+                                                 b"BatchNormInfer", b"cnn_cpu"))
     assert export_script.PORTABLE_IMPLS == local_attention.PORTABLE_IMPLS  # both acmix_ms.constants'
     with pytest.raises(SystemExit):  # only portable implementations may go into a MINDIR
         export_script.parse_args(["--model", "resnet_tiny_acmix", "--attention_impl", "fused"])

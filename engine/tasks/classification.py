@@ -49,10 +49,13 @@ def validate(network, cfg, data, num_classes, num_shards=1, shard_id=0, sum_coun
     import mindspore as ms
     from ..data import eval_dataset
     from ..logger import RateProgress
+    from ..runtime import ReleasingCaller
     from ..metrics import ClassificationMeter, evaluate as classification_evaluate
 
+    run = ReleasingCaller(network)
+
     def predict(images):
-        return network(ms.Tensor(images)).asnumpy()
+        return run(ms.Tensor(images)).asnumpy()
     shard = len(range(shard_id, len(data), num_shards))
     progress = RateProgress(report, shard, "validation" + (
         f" (rank {shard_id} of {num_shards}, {shard} of {len(data)} images)" if num_shards > 1 else ""))

@@ -1,0 +1,174 @@
+"""CPU kernels of the convolutional layers and of the training step (``ops.Custom`` func_type 'aot', source
+``cnn_cpu.cc``).
+
+``CpuMaxPool2d``: max pooling with implicit -inf padding (``nn.MaxPool2d(..., pad_mode="pad")``), NaN-propagating;
+while training the forward also records where each maximum is, and the backward scatters the gradient there.
+``CpuBatchNorm``: ``nn.BatchNorm2d``'s training and inference passes, one kernel each, the backward in two passes
+over the data. ``CpuAllFinite``: whether every element of many float32 tensors is finite, one pass. Callers pick
+them through ``models.layers`` (``MaxPool2d``, ``BatchNorm2d``) and ``engine.step``, which fall back to
+MindSpore's ops on other devices, other dtypes, or when the kernels cannot be built.
+"""
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
+
+from .build import compiled_library
+
+SOURCE = "cnn_cpu.cc"
+
+
+def pooled_size(size, kernel, stride, padding):
+    """Output length of a max pooling (floor mode): (size + 2 padding - kernel) // stride + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class _PooledShape:
+    def __init__(self, kernel, stride, padding):
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+
+    def __call__(self, x, config):
+        return [x[0], x[1], *(pooled_size(x[2 + a], self.kernel[a], self.stride[a], self.padding[a]) for a in (0, 1))]
+
+    def with_index(self, x, config):
+        return self(x, config), self(x, config)
+
+
+def _first_dtype(first, *others):
+    return first
+
+
+def _pooled_dtypes(x, config):
+    return x, mstype.int32
+
+
+def _shape_of_third(dy, index, x):
+    return list(x)
+
+
+class CpuMaxPool2d(nn.Cell):
+    """x (B, C, H, W) float32 -> (y, index): y the max over (kh, kw) windows at strides (sh, sw) with -inf padding
+    (ph, pw) each side, (B, C, (H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1); index (int32, like y): where
+    each maximum is in its plane (h W + w), computed only while training (else zeros). bprop: dx[index] += dy (the index found again outside training).
+    Arguments are pairs (height, width); 2 p <= k. Callers use output 0."""
+
+    def __init__(self, kernel, stride, padding):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        shape = _PooledShape(self.kernel, self.stride, self.padding)
+        self.forward_kernel = ops.Custom(f"{library}:MaxPool2dForward", out_shape=shape, out_dtype=_first_dtype,
+                                         func_type="aot")
+        self.index_kernel = ops.Custom(f"{library}:MaxPool2dForwardIndex", out_shape=shape.with_index,
+                                       out_dtype=_pooled_dtypes, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:MaxPool2dBackward", out_shape=_shape_of_third,
+                                          out_dtype=_first_dtype, func_type="aot")
+        # PyNative caches shape inference per primitive attributes: one attribute per geometry
+        geometry = "x".join(map(str, self.kernel + self.stride + self.padding))
+        for kernel_op in (self.forward_kernel, self.index_kernel, self.backward_kernel):
+            kernel_op.add_prim_attr("acmix_config", geometry)
+        self.config = Tensor(np.array(self.kernel + self.stride + self.padding, np.int32))
+
+    def construct(self, x):
+        if self.training:
+            return self.index_kernel(x, self.config)
+        y = self.forward_kernel(x, self.config)
+        return y, ops.zeros(y.shape, mstype.int32)
+
+    def bprop(self, x, out, dout):
+        # a gradient outside training (e.g. a saliency map of an eval-mode network) finds the maxima again
+        index = out[1] if self.training else self.index_kernel(x, self.config)[1]
+        return (self.backward_kernel(dout[0], index, x),)
+
+
+def _norm_train_shapes(x, gamma, beta, moving_mean, moving_var, config):
+    return list(x), list(gamma), list(gamma), list(gamma), list(gamma)
+
+
+def _norm_train_dtypes(x, gamma, beta, moving_mean, moving_var, config):
+    return x, x, x, x, x
+
+
+def _norm_grad_shapes(dy, x, gamma, mean, rstd):
+    return list(x), list(gamma), list(gamma)
+
+
+def _norm_grad_dtypes(dy, x, gamma, mean, rstd):
+    return x, x, x
+
+
+def _norm_infer_shape(x, gamma, beta, mean, var, config):
+    return list(x)
+
+
+class CpuBatchNorm(nn.Cell):
+    """Batch normalisation of (B, C, H, W) float32 over (B, H, W) per channel, as ``nn.BatchNorm2d``; no parameters
+    (the calling layer passes its own).
+
+    ``construct(x, gamma, beta, moving_mean, moving_var)`` (training): (y, batch mean (C), 1/sqrt(biased var + eps)
+    (C), updated moving mean (C), updated moving variance (C)) where updated = (1 - momentum) old + momentum batch
+    (the batch variance unbiased); the caller assigns the last two. bprop: (dx, dgamma, dbeta, 0, 0); the statistics
+    outputs carry no gradient. ``infer(x, gamma, beta, mean, var)``: y with the given statistics, one pass; its
+    bprop is written with MindSpore's ops (rarely needed: gradients of an eval-mode network).
+
+    Args:
+        eps: added to the variance. momentum: the weight of the batch statistics (torch's convention; MindSpore's
+            ``nn.BatchNorm2d(momentum=m)`` stores ``1 - m`` as its ``momentum`` attribute: pass that).
+    """
+
+    def __init__(self, eps, momentum):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.train_kernel = ops.Custom(f"{library}:BatchNormTrain", out_shape=_norm_train_shapes,
+                                       out_dtype=_norm_train_dtypes, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:BatchNormBackward", out_shape=_norm_grad_shapes,
+                                          out_dtype=_norm_grad_dtypes, func_type="aot")
+        self.config = Tensor(np.array([eps, momentum], np.float32))
+        self.infer = _CpuBatchNormInfer(library, Tensor(np.array([eps], np.float32)), eps)
+
+    def construct(self, x, gamma, beta, moving_mean, moving_var):
+        return self.train_kernel(x, gamma, beta, moving_mean, moving_var, self.config)
+
+    def bprop(self, x, gamma, beta, moving_mean, moving_var, out, dout):
+        dx, dgamma, dbeta = self.backward_kernel(dout[0], x, gamma, out[1], out[2])
+        return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var)
+
+
+class _CpuBatchNormInfer(nn.Cell):
+    def __init__(self, library, config, eps):
+        super().__init__()
+        self.kernel = ops.Custom(f"{library}:BatchNormInfer", out_shape=_norm_infer_shape, out_dtype=_first_dtype,
+                                 func_type="aot")
+        self.config = config
+        self.eps = float(eps)
+
+    def construct(self, x, gamma, beta, mean, var):
+        return self.kernel(x, gamma, beta, mean, var, self.config)
+
+    def bprop(self, x, gamma, beta, mean, var, out, dout):
+        rstd = ops.rsqrt(var + self.eps)
+        scale = (gamma * rstd).reshape(1, -1, 1, 1)
+        xhat = (x - mean.reshape(1, -1, 1, 1)) * rstd.reshape(1, -1, 1, 1)
+        return (dout * scale, (dout * xhat).sum((0, 2, 3)), dout.sum((0, 2, 3)), ops.zeros_like(mean),
+                ops.zeros_like(var))
+
+
+def _flag_shape(*shapes):
+    return [1]
+
+
+def _flag_dtype(*dtypes):
+    return dtypes[0]
+
+
+class CpuAllFinite(nn.Cell):
+    """(t_1, ..., t_n) float32 tensors -> (1,) float32: 1.0 if every element of every tensor is finite, else 0.0.
+    No gradient (a check, not part of a loss)."""
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.kernel = ops.Custom(f"{library}:AllFinite", out_shape=_flag_shape, out_dtype=_flag_dtype,
+                                 func_type="aot")
+
+    def construct(self, *tensors):
+        return self.kernel(*tensors)
