@@ -388,3 +388,19 @@ def test_tensor_shift_training_does_not_hang(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
                           cwd=str(tmp_path))
     assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+
+
+def test_ablation_time_only_times_each_variant_without_training(tmp_path):
+    out = tmp_path / "timing.md"
+    args = ["--family", "swin", "--time_only", "--variants", "learnable", "conv_baseline", "--time_steps", "2",
+            "--time_rounds", "2", "--batch_size", "4", "--eval_batch_size", "4", "--override", "embed_dim=8",
+            "depths=[1,1]", "num_heads=[1,2]", "--output_dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert ablation.main(args) == 0
+    header, rows = _table(out.read_text(), "Throughput of the swin variants")
+    assert header[:4] == ["variant", "what", "train img/s (median of rounds)", "inference img/s"]
+    assert [row[0] for row in rows] == ["learnable", "conv_baseline"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert rows[0][4] == "1.00x" and rows[0][5] == "1.00x"
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written there
+    with pytest.raises(ValueError, match="--time_steps must be >= 1"):
+        ablation.parse_args(["--time_only", "--time_steps", "0"])

@@ -29,6 +29,7 @@ folder as ``<variant>_seed<s>.replaced-<time>`` (left out of the tables), so no 
     python tools/ablation.py --family resnet --variants learnable conv_baseline --seeds 0 1 2 3 4
     python tools/ablation.py --table_only --family resnet --out docs/ablation_resnet.md   # tables of what was trained
     python tools/ablation.py --quick                                   # tiny budget (smoke test)
+    python tools/ablation.py --family swin --time_only                 # throughput only, no training
 """
 import argparse
 import json
@@ -126,6 +127,61 @@ def inference_speed(network, batch, image_size, in_chans, warmup=1, repeats=5):
                        .astype(np.float32))
     stats = summarize(time_calls(network, (images,), warmup, repeats))
     return batch / stats["median"], stats
+
+
+def time_variants(args):
+    """Throughput of every variant's training step and inference, timed in this process without training
+    (``--time_only``): the same models, recipe (optimizer, clipping, drop path) and batch as the training runs, on
+    random inputs; ``--time_rounds`` rounds, the variants' order reversed every other round; medians of the
+    rounds. For a quiet re-timing of variants whose training runs shared the cores. Returns the markdown table."""
+    import numpy as np
+    import mindspore as ms
+    from benchmarks.common import summarize, time_calls
+    from engine.losses import SmoothedCrossEntropy
+    from engine.optim import create_optimizer
+    from engine.runtime import build_model, compile_then_release, model_kwargs, setup_context
+    from engine.step import NetWithLoss, NoLossScaler, TrainStep
+    setup_context("graph", args.device_target)
+    steps_per_epoch = max(1, 6000 * 10 // args.batch_size)
+    timed = {}
+    for variant in args.variants:
+        cfg = run_config(args, variant, 0, args.data_dir, os.path.join(args.output_dir, "timing"))
+        model, _ = build_model(cfg.model, 10, model_kwargs(cfg.model_overrides, cfg.drop_path_rate, cfg.in_chans),
+                               cfg.image_size)
+        optimizer, _, _ = create_optimizer(cfg, model, list(model.parameters_and_names()), steps_per_epoch,
+                                           cfg.batch_size)
+        step = TrainStep(NetWithLoss(model, SmoothedCrossEntropy(cfg.label_smoothing)), optimizer, NoLossScaler(),
+                         cfg.clip_grad_norm)
+        rng = np.random.default_rng(0)
+        images = ms.Tensor(rng.standard_normal((cfg.batch_size, cfg.in_chans, cfg.image_size, cfg.image_size))
+                           .astype(np.float32))
+        labels = ms.Tensor(rng.integers(0, 10, cfg.batch_size).astype(np.int32))
+        eval_images = ms.Tensor(rng.standard_normal((cfg.eval_batch_size, cfg.in_chans, cfg.image_size,
+                                                     cfg.image_size)).astype(np.float32))
+        model.set_train(True)
+        compile_then_release(step, images, labels)
+        timed[variant] = {"step": step, "model": model, "inputs": (images, labels), "eval": eval_images,
+                          "batch": cfg.batch_size, "train": [], "inference": []}
+    for round_index in range(args.time_rounds):
+        order = args.variants if round_index % 2 == 0 else list(reversed(args.variants))
+        for variant in order:
+            entry = timed[variant]
+            entry["model"].set_train(True)
+            times = time_calls(entry["step"], entry["inputs"], 1, args.time_steps)
+            entry["train"].append(entry["batch"] / summarize(times)["median"])
+            images_per_s, _ = inference_speed(entry["model"], args.eval_batch_size, args.image_size_of_family,
+                                              entry["eval"].shape[1], repeats=max(2, args.time_steps // 2))
+            entry["inference"].append(images_per_s)
+    first = args.variants[0]
+    lines = ["| variant | what | train img/s (median of rounds) | inference img/s | train vs " + first
+             + " | inference vs " + first + " |", "|---|---|---|---|---|---|"]
+    medians = {v: (float(np.median(timed[v]["train"])), float(np.median(timed[v]["inference"])))
+               for v in args.variants}
+    for variant in args.variants:
+        train, inference = medians[variant]
+        lines.append(f"| {variant} | {VARIANTS[variant][1]} | {train:.1f} | {inference:.1f} "
+                     f"| {train / medians[first][0]:.2f}x | {inference / medians[first][1]:.2f}x |")
+    return "\n".join(lines)
 
 
 def _child_argv(args, variant, seed):
@@ -368,6 +424,10 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK_BUDGET}")
     parser.add_argument("--table_only", action="store_true", help="only rebuild the table from saved results")
     parser.add_argument("--dry_run", action="store_true", help="print each variant's run config and exit")
+    parser.add_argument("--time_only", action="store_true",
+                        help="time each variant's training step and inference on random inputs (no training)")
+    parser.add_argument("--time_steps", type=int, default=20, help="timed training steps per round (--time_only)")
+    parser.add_argument("--time_rounds", type=int, default=2, help="rounds over the variants (--time_only)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change the family's model shape for every variant, e.g. embed_dim=16 (YAML values)")
     parser.add_argument("--out", default=None, help="write the markdown report here")
@@ -385,6 +445,10 @@ def parse_args(argv):
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
     if args.seeds is None:
         args.seeds = list(QUICK_SEEDS if args.quick else SEEDS)
+    for name in ("time_steps", "time_rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.image_size_of_family = FAMILIES[args.family]["recipe"].get("image_size", read_demo_config()["image_size"])
     args.output_dir = args.output_dir or os.path.join("runs", f"ablation_{args.family}" + ("_quick" if args.quick
                                                                                             else ""))
     args.subset = args.train_per_class is not None or args.val_per_class is not None
@@ -405,6 +469,17 @@ def main(argv=None):
                                  os.path.join(args.output_dir, f"{variant}_seed{seed}"))
                 print(f"{variant} seed {seed}: model {cfg.model} {cfg.model_overrides} opt {cfg.opt} lr {cfg.lr} "
                       f"epochs {cfg.epochs} batch {cfg.batch_size}")
+        return 0
+    if args.time_only:
+        from benchmarks.common import environment, environment_markdown
+        text = "\n".join([f"Throughput of the {args.family} variants (no training; batch {args.batch_size}, "
+                          f"{args.image_size_of_family} px, inference batch {args.eval_batch_size}, "
+                          f"{args.time_rounds} round(s) of {args.time_steps} steps):", "",
+                          environment_markdown(environment(args.device_target)), "", time_variants(args)])
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("# Ablation variants: throughput\n\n" + text + "\n")
         return 0
     if args.child_of is not None:  # a per-variant subprocess: train here, the parent reports
         train_variant(args, args.variants[0], args.seeds[0], args.data_dir)
