@@ -13,6 +13,7 @@ from mindspore import Tensor, nn, ops
 from .base import ACmixBase
 from .layout import Permute
 from .linear import Dense
+from .softmax import Softmax
 from .validation import check_divisible, check_positive_int
 
 
@@ -56,6 +57,7 @@ class ACmixGlobal(ACmixBase):
         if self.has_attention:
             self.proj = Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
+            self.softmax = Softmax()  # a one-pass CPU kernel (forward and gradient) on CPU
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.matmul_qk = ops.BatchMatMul(transpose_b=True)
         self.swap_tokens = Permute((0, 2, 1))  # (B, L, C) <-> (B, C, L)
@@ -89,7 +91,7 @@ class ACmixGlobal(ACmixBase):
         key, value = ops.split(key_value, self.dim, -1)  # (B, L', C) each; no slicing of a transposed tensor
         query = self._heads(query) * self.scale  # (B, N, L, d)
         logits = self.matmul_qk(query, self._heads(key))  # (B, N, L, L')
-        weights = self.attn_drop(ops.softmax(logits, -1))
+        weights = self.attn_drop(self.softmax(logits))
         out = self.swap_heads(ops.matmul(weights, self._heads(value))).reshape(batch, length, self.dim)
         return self.proj(out)
 

@@ -22,6 +22,7 @@ from .base import ACmixBase
 from .constants import INIT_STD
 from .layout import Permute
 from .linear import Dense
+from .softmax import Softmax
 from .spatial import zero_pad
 from .validation import check_divisible, check_positive_int
 
@@ -175,6 +176,7 @@ class ACmixWindow(ACmixBase):
             self.relative_position_index = Tensor(relative_position_index(window_size).reshape(-1))
             self.proj = Dense(dim, dim)
             self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
+            self.softmax = Softmax()  # a one-pass CPU kernel (forward and gradient) on CPU
         self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
         self.token_gather = TokenPermutation()  # cyclic shift + window partition as one gather
         self.swap_tokens = Permute((0, 2, 1))  # (B, L, C) <-> (B, C, L)
@@ -245,7 +247,7 @@ class ACmixWindow(ACmixBase):
             logits = (logits + ops.broadcast_to(bias, logits.shape)).reshape(-1, self.num_heads, w2, w2)
         else:
             logits = logits + ops.broadcast_to(bias, logits.shape)
-        weights = self.attn_drop(ops.softmax(logits, -1))
+        weights = self.attn_drop(self.softmax(logits))
         out = self.swap_heads(ops.matmul(weights, self._heads(value))).reshape(batch, length, self.dim)
         out = self.proj(out)
         if order is not None:

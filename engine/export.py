@@ -39,10 +39,10 @@ def make_exportable(model, attention_impl: str = "unfold") -> int:
     if conv:
         print(f"{conv} ACmix conv path(s) ran a device kernel: exported with standard operators (same results)")
     from models.layers import set_fused_kernels
-    fused = set_fused_kernels(model, False)  # GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d with a CPU kernel
+    fused = set_fused_kernels(model, False)  # GELU, LayerNorm, Dense, Softmax, MaxPool2d, BatchNorm2d on CPU
     if fused:
-        print(f"{fused} layer(s) (GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d) ran a CPU kernel: exported with "
-              "standard operators (same results)")
+        print(f"{fused} layer(s) (GELU, LayerNorm, Dense, Softmax, MaxPool2d, BatchNorm2d) ran a CPU kernel: "
+              "exported with standard operators (same results)")
     from acmix_ms.layout import set_permute_kernels
     permutes = set_permute_kernels(model, False)  # axis permutations (acmix_ms.layout.Permute)
     if permutes:

@@ -23,6 +23,7 @@ from mindspore.common.initializer import initializer, TruncatedNormal, Zero, One
 from acmix_ms.constants import INIT_STD
 from acmix_ms.layout import Permute, cpu_kernel, cpu_transformer_kernel
 from acmix_ms.linear import Dense
+from acmix_ms.softmax import Softmax
 from acmix_ms.spatial import zero_pad
 from acmix_ms.validation import check_positive_int
 
@@ -181,13 +182,13 @@ class GELU(nn.Cell):
 
 
 def set_fused_kernels(network, enabled):
-    """Switch the fused CPU kernels of the layers (``GELU``, ``LayerNorm``, ``Dense``'s bias gradient, ``MaxPool2d``,
-    ``BatchNorm2d``) of ``network`` on or off (off:
+    """Switch the fused CPU kernels of the layers (``GELU``, ``LayerNorm``, ``Dense``'s bias gradient, ``Softmax``,
+    ``MaxPool2d``, ``BatchNorm2d``) of ``network`` on or off (off:
     standard operators only, e.g. for a portable MINDIR). Returns the number of layers that run a kernel
     afterwards (on) or were switched off (off)."""
     count = 0
     for _, cell in network.cells_and_names():
-        if isinstance(cell, (GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d)) and cell.kernel is not None:
+        if isinstance(cell, (GELU, LayerNorm, Dense, Softmax, MaxPool2d, BatchNorm2d)) and cell.kernel is not None:
             if cell.use_kernel != enabled or enabled:
                 count += 1
             cell.use_kernel = bool(enabled)
@@ -345,21 +346,24 @@ class MaxPool2d(nn.Cell):
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters ``gamma``/``beta``/``moving_mean``/``moving_variance``, same results and
-    running-statistics update) that runs the C++ kernel ``CpuBatchNorm`` on the CPU backend for float32 (B, C, H, W)
-    inputs: one pass for the statistics-free inference, the training pass and its backward each over the data twice
-    (MindSpore 2.8's BatchNorm + BatchNormGrad were a third of a resnet_tiny training step on CPU). Elsewhere, for
-    other dtypes, with ``use_batch_statistics`` set, when the kernel cannot be built (warning), or after
-    ``set_fused_kernels(net, False)``: ``nn.BatchNorm2d``. tests/test_cnn_fast.py checks both against NumPy.
+    running-statistics update), optionally followed by a ReLU (``relu=True``: the block's BN-ReLU pair as one layer),
+    that runs the C++ kernel ``CpuBatchNorm`` on the CPU backend for float32 (B, C, H, W) inputs: one pass for the
+    inference, the training pass and its backward each over the data twice, the ReLU inside them (MindSpore 2.8's
+    BatchNorm + BatchNormGrad were a third of a resnet_tiny training step on CPU). Elsewhere, for other dtypes, with
+    ``use_batch_statistics`` set, when the kernel cannot be built (warning), or after
+    ``set_fused_kernels(net, False)``: ``nn.BatchNorm2d`` (then ``ops.relu``). tests/test_cnn_fast.py checks both
+    against NumPy.
 
     Inputs: (B, C, H, W). Outputs: same shape.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, device_target=None, **kwargs):
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False, device_target=None, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
+        self.apply_relu = bool(relu)
         default_mode = self.use_batch_statistics is None and self.format == "NCHW"
         # self.momentum is nn.BatchNorm2d's stored weight of the batch statistics (1 - the momentum argument)
-        self.kernel = (cpu_kernel("cnn_cpu", "CpuBatchNorm", device_target, eps, self.momentum) if default_mode
-                       else None)
+        self.kernel = (cpu_kernel("cnn_cpu", "CpuBatchNorm", device_target, eps, self.momentum, self.apply_relu)
+                       if default_mode else None)
         self.use_kernel = self.kernel is not None
 
     def construct(self, x):
@@ -369,7 +373,11 @@ class BatchNorm2d(nn.BatchNorm2d):
                 y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(mean)))
                 return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(var)))
             return self.kernel.infer(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)
-        return super().construct(x)
+        y = super().construct(x)
+        return ops.relu(y) if self.apply_relu else y
+
+    def extend_repr(self):
+        return super().extend_repr() + (", relu=True" if self.apply_relu else "")
 
 
 def layer_norm(dim, eps):

@@ -66,12 +66,12 @@ class Bottleneck(nn.Cell):
         super().__init__()
         out_channels = width * EXPANSION
         self.conv1 = conv1x1(in_channels, width)
-        self.bn1 = BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width, relu=True)  # BN then ReLU (one CPU kernel)
         if acmix is None:
             self.conv2 = nn.Conv2d(width, width, 3, stride=stride, pad_mode="pad", padding=1, has_bias=False)
         else:
             self.conv2 = ACmixLocal(width, width, stride=stride, **acmix)
-        self.bn2 = BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width, relu=True)
         self.conv3 = conv1x1(width, out_channels)
         self.bn3 = BatchNorm2d(out_channels)
         self.relu = nn.ReLU()
@@ -83,8 +83,8 @@ class Bottleneck(nn.Cell):
 
     def construct(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn1(self.conv1(x))
+        out = self.bn2(self.conv2(out))
         out = self.bn3(self.conv3(out))
         return self.relu(self.drop_path(out) + shortcut)
 
@@ -132,8 +132,7 @@ class ResNet(StagedBackbone):
         else:
             self.conv1 = nn.Conv2d(in_chans, base_width, 3, stride=1, pad_mode="pad", padding=1, has_bias=False)
             stem_reduction = 1
-        self.bn1 = BatchNorm2d(base_width)
-        self.relu = nn.ReLU()
+        self.bn1 = BatchNorm2d(base_width, relu=True)
 
         in_channels = base_width
         block_drop_paths = iter(drop_path_rates(drop_path_rate, sum(layers)))
@@ -174,7 +173,7 @@ class ResNet(StagedBackbone):
                              f"(lower kernel_att or use a larger image)")
 
     def _stem(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
         if self.stem_type == "imagenet":
             x = self.maxpool(x)
         return x

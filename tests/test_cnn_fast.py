@@ -146,13 +146,16 @@ def test_resnet_stem_pools_with_the_kernel_and_switches_off():
 
 
 # ---- BatchNorm -----------------------------------------------------------------------------------------------
-def _bn_reference(x, gamma, beta, dy, eps=1e-5):
-    """Training-mode batch norm in float64: (y, batch mean, unbiased batch var, dx, dgamma, dbeta)."""
+def _bn_reference(x, gamma, beta, dy, eps=1e-5, relu=False):
+    """Training-mode batch norm (then ReLU) in float64: (y, batch mean, unbiased batch var, dx, dgamma, dbeta)."""
     x, dy = x.astype(np.float64), dy.astype(np.float64)
     axes, count = (0, 2, 3), x.shape[0] * x.shape[2] * x.shape[3]
     mean, var = x.mean(axes), x.var(axes)
     xhat = (x - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + eps)
     y = xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+    if relu:
+        dy = dy * (y > 0)
+        y = np.maximum(y, 0.0)
     dbeta, dgamma = dy.sum(axes), (dy * xhat).sum(axes)
     dx = (gamma / np.sqrt(var + eps))[None, :, None, None] * (
         dy - dbeta[None, :, None, None] / count - xhat * dgamma[None, :, None, None] / count)
@@ -170,8 +173,8 @@ class _AllGrads(nn.Cell):
         return self.grad(self.network, self.weights)(x, sens)
 
 
-def _batch_norm_pair(channels, rng):
-    fast, reference = BatchNorm2d(channels), nn.BatchNorm2d(channels)
+def _batch_norm_pair(channels, rng, relu=False):
+    fast, reference = BatchNorm2d(channels, relu=relu), nn.BatchNorm2d(channels)
     gamma = rng.standard_normal(channels).astype(np.float32)
     beta = rng.standard_normal(channels).astype(np.float32)
     for layer in (fast, reference):
@@ -180,10 +183,11 @@ def _batch_norm_pair(channels, rng):
     return fast, reference, gamma, beta
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 9, 9), (3, 5, 1, 1)])
-def test_batch_norm_training_matches_numpy(shape):
+def test_batch_norm_training_matches_numpy(shape, relu):
     rng = np.random.default_rng(sum(shape))
-    fast, reference, gamma, beta = _batch_norm_pair(shape[1], rng)
+    fast, reference, gamma, beta = _batch_norm_pair(shape[1], rng, relu)
     assert fast.use_kernel
     fast.set_train(True)
     reference.set_train(True)
@@ -191,7 +195,7 @@ def test_batch_norm_training_matches_numpy(shape):
     for step in range(3):  # running statistics: torch's momentum 0.1 (nn.BatchNorm2d's default 0.9 kept)
         x = (rng.standard_normal(shape) * (step + 1) + step - 1).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)
-        y_ref, mean, var_unbiased, dx_ref, dgamma_ref, dbeta_ref = _bn_reference(x, gamma, beta, dy)
+        y_ref, mean, var_unbiased, dx_ref, dgamma_ref, dbeta_ref = _bn_reference(x, gamma, beta, dy, relu=relu)
         y = fast(Tensor(x)).asnumpy()
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
         moving_mean, moving_var = 0.9 * moving_mean + 0.1 * mean, 0.9 * moving_var + 0.1 * var_unbiased
@@ -205,10 +209,11 @@ def test_batch_norm_training_matches_numpy(shape):
     np.testing.assert_allclose(dbeta.asnumpy(), dbeta_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_batch_norm_inference_matches_numpy_and_nn_batch_norm():
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_inference_matches_numpy_and_nn_batch_norm(relu):
     rng = np.random.default_rng(5)
     shape = (3, 6, 8, 5)
-    fast, reference, gamma, beta = _batch_norm_pair(shape[1], rng)
+    fast, reference, gamma, beta = _batch_norm_pair(shape[1], rng, relu)
     mean = rng.standard_normal(shape[1]).astype(np.float32)
     var = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
     for layer in (fast, reference):
@@ -220,9 +225,16 @@ def test_batch_norm_inference_matches_numpy_and_nn_batch_norm():
     scale = (gamma / np.sqrt(var.astype(np.float64) + 1e-5))[None, :, None, None]
     xhat = (x - mean[None, :, None, None]) * scale / gamma[None, :, None, None]
     y = fast(Tensor(x)).asnumpy()
-    np.testing.assert_allclose(y, xhat * gamma[None, :, None, None] + beta[None, :, None, None], rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(y, reference(Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-5)
+    y_ref = xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+    if relu:
+        dy = (dy * (y_ref > 0)).astype(np.float32)
+        y_ref = np.maximum(y_ref, 0.0)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    expected = reference(Tensor(x)).asnumpy()
+    np.testing.assert_allclose(y, np.maximum(expected, 0.0) if relu else expected, rtol=1e-5, atol=1e-5)
+    fast.use_kernel = False  # MindSpore's layer (then ops.relu): the same values
+    np.testing.assert_allclose(fast(Tensor(x)).asnumpy(), y_ref, rtol=1e-5, atol=1e-5)
+    fast.use_kernel = True
     (dx,), (dgamma, dbeta) = _AllGrads(fast)(Tensor(x), Tensor(dy))
     np.testing.assert_allclose(dx.asnumpy(), dy * scale, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dgamma.asnumpy(), (dy * xhat).sum((0, 2, 3)), rtol=1e-4, atol=1e-5)

@@ -240,7 +240,7 @@ def test_kernel_network_exports_a_portable_mindir_with_the_same_output(tmp_path,
     # 4 attention kernels, 4 conv-path group convolutions, the batch norms (tests/test_cnn_fast.py)
     assert export_script.make_exportable(twin) == 8 + norms
     printed = capsys.readouterr().out
-    assert f"{norms} layer(s) (GELU, LayerNorm, Dense, MaxPool2d, BatchNorm2d) ran a CPU kernel" in printed
+    assert f"{norms} layer(s) (GELU, LayerNorm, Dense, Softmax, MaxPool2d, BatchNorm2d) ran a CPU kernel" in printed
     assert "4 sliding-window attention layer(s) ran a device kernel" in printed
     assert "4 ACmix conv path(s) ran a device kernel" in printed
     assert attention_backends(twin) == {"unfold": 4} and attention_backends(net) == {"CPU": 4}

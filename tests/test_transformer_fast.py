@@ -221,6 +221,39 @@ def _layer_norm_numpy(x, gamma, beta, eps, dy):
     return xhat * gamma + beta, dx, (dy * xhat).sum(rows), dy.sum(rows)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 49, 49), (5, 17), (4, 1)])
+def test_softmax_kernel_matches_numpy_and_mindspore(shape):
+    """``acmix_ms.softmax.Softmax`` (the CPU kernel): values and the input gradient against float64 NumPy, with
+    large and masked (-100, -inf) logits; NaN rows stay NaN; switched off it is ``ops.softmax``."""
+    from mindspore import nn, ops
+    from acmix_ms.softmax import Softmax
+    from models.layers import set_fused_kernels
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x.reshape(-1, shape[-1])[0, 0] = 80.0  # a large logit: the max is subtracted
+    if shape[-1] > 2:
+        x.reshape(-1, shape[-1])[1, :2] = (-100.0, -np.inf)  # the SW-MSA mask value, and an exact zero weight
+    probe = rng.standard_normal(shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    expected = e / e.sum(-1, keepdims=True)
+    expected_grad = expected * (probe - (probe * expected).sum(-1, keepdims=True))
+    cell = Softmax()
+    if ms.get_context("device_target") == "CPU":
+        assert cell.use_kernel
+    for layer in (cell, lambda t: ops.softmax(t, -1)):
+        np.testing.assert_allclose(layer(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-7)
+    grad = ms.grad(_probe_loss(cell, probe))(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    bad = x.copy()
+    bad.reshape(-1, shape[-1])[-1, -1] = np.nan
+    out = cell(ms.Tensor(bad)).asnumpy().reshape(-1, shape[-1])
+    assert np.isnan(out[-1]).all() and np.isfinite(out[:-1]).all()
+    net = nn.SequentialCell([Softmax()])
+    assert set_fused_kernels(net, False) == (1 if cell.kernel is not None else 0) and not net[0].use_kernel
+    np.testing.assert_allclose(net(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 5, 24), (37, 96)])
 def test_layer_norm_kernel_matches_numpy_and_mindspore(shape):
     """Fused CPU LayerNorm: output and the gradients of input, gamma and beta against float64 NumPy and

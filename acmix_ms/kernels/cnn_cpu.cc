@@ -20,14 +20,16 @@
 // Batch normalisation of NCHW tensors over (B, H, W) per channel, as nn.BatchNorm2d. Why: MindSpore 2.8's CPU
 // BatchNorm + BatchNormGrad took 34 % of a resnet_tiny training step and 12 % of a ResNet-26 inference step.
 // BatchNormTrain     inputs x (B, C, H, W) float32, gamma (C), beta (C), moving mean (C), moving var (C),
-//                    config (2,) float32 = (eps, momentum)
+//                    config (3,) float32 = (eps, momentum, relu)
 //                    outputs y (like x), mean (C), rstd (C) = 1/sqrt(var + eps), the updated moving mean and var (C):
 //                    (1 - momentum) old + momentum batch, the batch variance unbiased (var M / (M - 1), M = B H W;
-//                    var where M = 1), as nn.BatchNorm2d (whose momentum argument is 1 - this momentum)
-// BatchNormBackward  inputs dy, x, gamma, mean, rstd     outputs dx (like x), dgamma (C), dbeta (C)
+//                    var where M = 1), as nn.BatchNorm2d (whose momentum argument is 1 - this momentum).
+//                    relu != 0: y = max(normalised, 0) (BatchNorm then ReLU in one pass)
+// BatchNormBackward  inputs dy, x, gamma, mean, rstd, y, config (1,) float32 = (relu)
+//                    outputs dx (like x), dgamma (C), dbeta (C); with relu dy counts only where y > 0
 //   xhat = (x - mean) rstd: dbeta = sum dy, dgamma = sum dy xhat, dx = gamma rstd (dy - dbeta/M - xhat dgamma/M)
-// BatchNormInfer     inputs x, gamma, beta, moving mean (C), moving var (C), config (eps)   output y
-//   y = (x - mean) gamma / sqrt(var + eps) + beta, one pass
+// BatchNormInfer     inputs x, gamma, beta, moving mean (C), moving var (C), config (2,) = (eps, relu)   output y
+//   y = (x - mean) gamma / sqrt(var + eps) + beta (then max(y, 0) with relu), one pass
 // Sums run in float over each plane (vectorised) and in double across planes.
 //
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
@@ -228,8 +230,49 @@ inline void plane_grad_sums(const float *__restrict dy, const float *__restrict 
   *sum_dy_xc = tb;
 }
 
+// (sum g, sum g (x - mean)) over one plane, g = dy where y > 0, else 0 (the gradient through a ReLU)
+inline void plane_grad_sums_relu(const float *__restrict dy, const float *__restrict y, const float *__restrict x,
+                                 float mean, int64_t n, float *sum_dy, float *sum_dy_xc) {
+  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float g = y[i + l] > 0.0f ? dy[i + l] : 0.0f;
+      a[l] += g;
+      b[l] += g * (x[i + l] - mean);
+    }
+  }
+  float ta = 0.0f, tb = 0.0f;
+  for (; i < n; ++i) {
+    const float g = y[i] > 0.0f ? dy[i] : 0.0f;
+    ta += g;
+    tb += g * (x[i] - mean);
+  }
+  for (int l = 0; l < 8; ++l) {
+    ta += a[l];
+    tb += b[l];
+  }
+  *sum_dy = ta;
+  *sum_dy_xc = tb;
+}
+
 inline void affine(const float *__restrict x, float scale, float shift, int64_t n, float *__restrict y) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * scale + shift;
+}
+
+inline void affine_relu(const float *__restrict x, float scale, float shift, int64_t n, float *__restrict y) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] * scale + shift;
+    y[i] = v > 0.0f ? v : 0.0f;
+  }
+}
+
+inline void normalise(bool relu, const float *x, float scale, float shift, int64_t n, float *y) {
+  if (relu) {
+    affine_relu(x, scale, shift, n, y);
+  } else {
+    affine(x, scale, shift, n, y);
+  }
 }
 
 }  // namespace
@@ -316,7 +359,7 @@ int BatchNormTrain(int nparam, void **params, int *ndims, int64_t **shapes, cons
   NormGeometry g;
   const int channel_inputs[] = {1, 2, 3, 4, 7, 8, 9, 10};
   if (!read_norm(shapes, ndims, dtypes, 0, channel_inputs, 8, &g) || !same_shape(shapes, ndims, 0, 6) ||
-      !is_float32(dtypes[5]) || !is_float32(dtypes[6]) || ndims[5] != 1 || shapes[5][0] != 2) {
+      !is_float32(dtypes[5]) || !is_float32(dtypes[6]) || ndims[5] != 1 || shapes[5][0] != 3) {
     return 2;
   }
   const float *x = static_cast<const float *>(params[0]);
@@ -326,6 +369,7 @@ int BatchNormTrain(int nparam, void **params, int *ndims, int64_t **shapes, cons
   const float *moving_var = static_cast<const float *>(params[4]);
   const double eps = static_cast<const float *>(params[5])[0];
   const float momentum = static_cast<const float *>(params[5])[1];
+  const bool relu = static_cast<const float *>(params[5])[2] != 0.0f;
   float *y = static_cast<float *>(params[6]);
   float *mean_out = static_cast<float *>(params[7]);
   float *rstd_out = static_cast<float *>(params[8]);
@@ -351,7 +395,9 @@ int BatchNormTrain(int nparam, void **params, int *ndims, int64_t **shapes, cons
       new_var[c] = moving_var[c] * (1.0f - momentum) + unbiased * momentum;
       const float scale = static_cast<float>(gamma[c] * rstd);
       const float shift = static_cast<float>(beta[c] - mean * gamma[c] * rstd);
-      for (int64_t b = 0; b < g.batch; ++b) affine(first + b * stride, scale, shift, g.plane, y + c * g.plane + b * stride);
+      for (int64_t b = 0; b < g.batch; ++b) {
+        normalise(relu, first + b * stride, scale, shift, g.plane, y + c * g.plane + b * stride);
+      }
     }
   });
   return 0;
@@ -361,11 +407,13 @@ int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
                       void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 8) return 1;
+  if (nparam != 10) return 1;
   NormGeometry g;
-  const int channel_inputs[] = {2, 3, 4, 6, 7};
+  const int channel_inputs[] = {2, 3, 4, 8, 9};
   if (!read_norm(shapes, ndims, dtypes, 1, channel_inputs, 5, &g) || !same_shape(shapes, ndims, 0, 1) ||
-      !same_shape(shapes, ndims, 0, 5) || !is_float32(dtypes[0]) || !is_float32(dtypes[5])) {
+      !same_shape(shapes, ndims, 0, 5) || !same_shape(shapes, ndims, 0, 7) || !is_float32(dtypes[0]) ||
+      !is_float32(dtypes[5]) || !is_float32(dtypes[6]) || !is_float32(dtypes[7]) || ndims[6] != 1 ||
+      shapes[6][0] != 1) {
     return 2;
   }
   const float *dy = static_cast<const float *>(params[0]);
@@ -373,9 +421,11 @@ int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
   const float *gamma = static_cast<const float *>(params[2]);
   const float *mean = static_cast<const float *>(params[3]);
   const float *rstd = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dgamma = static_cast<float *>(params[6]);
-  float *dbeta = static_cast<float *>(params[7]);
+  const float *y = static_cast<const float *>(params[5]);
+  const bool relu = static_cast<const float *>(params[6])[0] != 0.0f;
+  float *dx = static_cast<float *>(params[7]);
+  float *dgamma = static_cast<float *>(params[8]);
+  float *dbeta = static_cast<float *>(params[9]);
   const int64_t count = g.batch * g.plane, stride = g.channels * g.plane;
   acmix::parallel_for(g.channels, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t c = begin; c < end; ++c) {
@@ -383,14 +433,18 @@ int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
       for (int64_t b = 0; b < g.batch; ++b) {
         float a, d;
         const int64_t offset = c * g.plane + b * stride;
-        plane_grad_sums(dy + offset, x + offset, mean[c], g.plane, &a, &d);
+        if (relu) {
+          plane_grad_sums_relu(dy + offset, y + offset, x + offset, mean[c], g.plane, &a, &d);
+        } else {
+          plane_grad_sums(dy + offset, x + offset, mean[c], g.plane, &a, &d);
+        }
         sum_dy += a;
         sum_dy_xc += d;
       }
       const double r = rstd[c];
       dbeta[c] = static_cast<float>(sum_dy);
       dgamma[c] = static_cast<float>(sum_dy_xc * r);
-      // dx = k dy - slope (x - mean) - k sum_dy / M, k = gamma r, slope = k r^2 sum_dy_xc / M
+      // dx = k g - slope (x - mean) - k sum_g / M, k = gamma r, slope = k r^2 sum_g_xc / M (g: dy through the ReLU)
       const float k = static_cast<float>(gamma[c] * r);
       const float slope = static_cast<float>(gamma[c] * r * r * r * sum_dy_xc / count);
       const float shift = static_cast<float>(-gamma[c] * r * sum_dy / count);
@@ -399,8 +453,16 @@ int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
         const int64_t offset = c * g.plane + b * stride;
         const float *__restrict dyp = dy + offset;
         const float *__restrict xp = x + offset;
+        const float *__restrict yp = y + offset;
         float *__restrict dxp = dx + offset;
-        for (int64_t i = 0; i < g.plane; ++i) dxp[i] = k * dyp[i] - slope * (xp[i] - centre) + shift;
+        if (relu) {
+          for (int64_t i = 0; i < g.plane; ++i) {
+            const float grad = yp[i] > 0.0f ? dyp[i] : 0.0f;
+            dxp[i] = k * grad - slope * (xp[i] - centre) + shift;
+          }
+        } else {
+          for (int64_t i = 0; i < g.plane; ++i) dxp[i] = k * dyp[i] - slope * (xp[i] - centre) + shift;
+        }
       }
     }
   });
@@ -415,7 +477,7 @@ int BatchNormInfer(int nparam, void **params, int *ndims, int64_t **shapes, cons
   NormGeometry g;
   const int channel_inputs[] = {1, 2, 3, 4};
   if (!read_norm(shapes, ndims, dtypes, 0, channel_inputs, 4, &g) || !same_shape(shapes, ndims, 0, 6) ||
-      !is_float32(dtypes[5]) || ndims[5] != 1 || shapes[5][0] != 1 || !is_float32(dtypes[6])) {
+      !is_float32(dtypes[5]) || ndims[5] != 1 || shapes[5][0] != 2 || !is_float32(dtypes[6])) {
     return 2;
   }
   const float *x = static_cast<const float *>(params[0]);
@@ -424,13 +486,14 @@ int BatchNormInfer(int nparam, void **params, int *ndims, int64_t **shapes, cons
   const float *mean = static_cast<const float *>(params[3]);
   const float *var = static_cast<const float *>(params[4]);
   const double eps = static_cast<const float *>(params[5])[0];
+  const bool relu = static_cast<const float *>(params[5])[1] != 0.0f;
   float *y = static_cast<float *>(params[6]);
   acmix::parallel_for(g.batch * g.channels, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % g.channels;
       const double scale = gamma[c] / std::sqrt(static_cast<double>(var[c]) + eps);
-      affine(x + p * g.plane, static_cast<float>(scale), static_cast<float>(beta[c] - mean[c] * scale), g.plane,
-             y + p * g.plane);
+      normalise(relu, x + p * g.plane, static_cast<float>(scale), static_cast<float>(beta[c] - mean[c] * scale),
+                g.plane, y + p * g.plane);
     }
   });
   return 0;

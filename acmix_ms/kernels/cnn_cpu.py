@@ -88,11 +88,11 @@ def _norm_train_dtypes(x, gamma, beta, moving_mean, moving_var, config):
     return x, x, x, x, x
 
 
-def _norm_grad_shapes(dy, x, gamma, mean, rstd):
+def _norm_grad_shapes(dy, x, gamma, mean, rstd, y, config):
     return list(x), list(gamma), list(gamma)
 
 
-def _norm_grad_dtypes(dy, x, gamma, mean, rstd):
+def _norm_grad_dtypes(dy, x, gamma, mean, rstd, y, config):
     return x, x, x
 
 
@@ -101,8 +101,8 @@ def _norm_infer_shape(x, gamma, beta, mean, var, config):
 
 
 class CpuBatchNorm(nn.Cell):
-    """Batch normalisation of (B, C, H, W) float32 over (B, H, W) per channel, as ``nn.BatchNorm2d``; no parameters
-    (the calling layer passes its own).
+    """Batch normalisation of (B, C, H, W) float32 over (B, H, W) per channel, as ``nn.BatchNorm2d``, optionally
+    followed by a ReLU in the same pass; no parameters (the calling layer passes its own).
 
     ``construct(x, gamma, beta, moving_mean, moving_var)`` (training): (y, batch mean (C), 1/sqrt(biased var + eps)
     (C), updated moving mean (C), updated moving variance (C)) where updated = (1 - momentum) old + momentum batch
@@ -113,38 +113,44 @@ class CpuBatchNorm(nn.Cell):
     Args:
         eps: added to the variance. momentum: the weight of the batch statistics (torch's convention; MindSpore's
             ``nn.BatchNorm2d(momentum=m)`` stores ``1 - m`` as its ``momentum`` attribute: pass that).
+        relu: y = max(normalised x, 0).
     """
 
-    def __init__(self, eps, momentum):
+    def __init__(self, eps, momentum, relu=False):
         super().__init__()
         library = compiled_library(SOURCE)
         self.train_kernel = ops.Custom(f"{library}:BatchNormTrain", out_shape=_norm_train_shapes,
                                        out_dtype=_norm_train_dtypes, func_type="aot")
         self.backward_kernel = ops.Custom(f"{library}:BatchNormBackward", out_shape=_norm_grad_shapes,
                                           out_dtype=_norm_grad_dtypes, func_type="aot")
-        self.config = Tensor(np.array([eps, momentum], np.float32))
-        self.infer = _CpuBatchNormInfer(library, Tensor(np.array([eps], np.float32)), eps)
+        flag = 1.0 if relu else 0.0
+        self.config = Tensor(np.array([eps, momentum, flag], np.float32))
+        self.backward_config = Tensor(np.array([flag], np.float32))
+        self.infer = _CpuBatchNormInfer(library, Tensor(np.array([eps, flag], np.float32)), eps, relu)
 
     def construct(self, x, gamma, beta, moving_mean, moving_var):
         return self.train_kernel(x, gamma, beta, moving_mean, moving_var, self.config)
 
     def bprop(self, x, gamma, beta, moving_mean, moving_var, out, dout):
-        dx, dgamma, dbeta = self.backward_kernel(dout[0], x, gamma, out[1], out[2])
+        dx, dgamma, dbeta = self.backward_kernel(dout[0], x, gamma, out[1], out[2], out[0], self.backward_config)
         return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var)
 
 
 class _CpuBatchNormInfer(nn.Cell):
-    def __init__(self, library, config, eps):
+    def __init__(self, library, config, eps, relu):
         super().__init__()
         self.kernel = ops.Custom(f"{library}:BatchNormInfer", out_shape=_norm_infer_shape, out_dtype=_first_dtype,
                                  func_type="aot")
         self.config = config
         self.eps = float(eps)
+        self.relu = bool(relu)
 
     def construct(self, x, gamma, beta, mean, var):
         return self.kernel(x, gamma, beta, mean, var, self.config)
 
     def bprop(self, x, gamma, beta, mean, var, out, dout):
+        if self.relu:
+            dout = dout * ops.cast(out > 0, dout.dtype)
         rstd = ops.rsqrt(var + self.eps)
         scale = (gamma * rstd).reshape(1, -1, 1, 1)
         xhat = (x - mean.reshape(1, -1, 1, 1)) * rstd.reshape(1, -1, 1, 1)

@@ -26,6 +26,10 @@
 // time to read its input; here rows are summed in chunks (vectorised over C, threaded), the chunks in order.
 // BiasGrad  inputs dy (R.., C)     output db (C)
 //
+// Softmax over the last axis (rows of length L), as ops.softmax(x, -1). Why: MindSpore 2.8 runs its gradient on CPU
+// as Mul, ReduceSum, Sub, Mul: ~110 ms of a Swin-T training step (batch 8, 224 px), ReduceSum alone 69 ms.
+// SoftmaxForward   inputs x (R.., L)       output y = exp(x - max) / sum exp(x - max) per row
+// SoftmaxBackward  inputs dy, y            output dx = y * (dy - sum_L dy * y)//
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
 // params = inputs then outputs. Return 0 on success; anything else makes MindSpore raise.
@@ -332,6 +336,73 @@ int PermuteForward(int nparam, void **params, int *ndims, int64_t **shapes, cons
           for (int64_t c = 0; c < cols; ++c) out[c] = src[c * col_stride];
         }
       }
+    }
+  });
+  return 0;
+}
+
+int SoftmaxForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                   void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 2) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || ndims[0] < 1) return 2;
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t total = element_count(ndims[0], shapes[0]);
+  if (element_count(ndims[1], shapes[1]) != total || cols < 1) return 2;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  for_rows(total / cols, [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *__restrict xr = x + r * cols;
+      float *__restrict yr = y + r * cols;
+      float top = xr[0];
+      bool nan = false;
+      for (int64_t c = 0; c < cols; ++c) {
+        top = xr[c] > top ? xr[c] : top;
+        nan = nan || xr[c] != xr[c];
+      }
+      if (nan || !(top > -INFINITY && top < INFINITY)) {  // NaN or +-inf: std::exp gives the reference's NaNs
+        float sum = 0.0f;
+        for (int64_t c = 0; c < cols; ++c) sum += (yr[c] = std::exp(xr[c] - top));
+        for (int64_t c = 0; c < cols; ++c) yr[c] /= sum;
+        continue;
+      }
+      for (int64_t c = 0; c < cols; ++c) yr[c] = exp_nonpositive(xr[c] - top);  // vectorised
+      float sum = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) sum += yr[c];
+      const float inv = 1.0f / sum;
+      for (int64_t c = 0; c < cols; ++c) yr[c] *= inv;
+    }
+  });
+  return 0;
+}
+
+int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                    void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3) return 1;
+  for (int t = 0; t < 3; ++t) {
+    if (!is_float32(dtypes[t])) return 2;
+  }
+  if (ndims[0] < 1) return 2;
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  const int64_t total = element_count(ndims[0], shapes[0]);
+  if (element_count(ndims[1], shapes[1]) != total || element_count(ndims[2], shapes[2]) != total || cols < 1) {
+    return 2;
+  }
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *y = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  for_rows(total / cols, [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *__restrict dyr = dy + r * cols;
+      const float *__restrict yr = y + r * cols;
+      float *__restrict dxr = dx + r * cols;
+      float dot = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) dot += dyr[c] * yr[c];
+      for (int64_t c = 0; c < cols; ++c) dxr[c] = yr[c] * (dyr[c] - dot);
     }
   });
   return 0;

@@ -2,7 +2,8 @@
 
 ``CpuGelu``: the exact (erf) GELU in one pass, forward and backward. ``CpuBiasAdd``: x + bias over the last
 axis (MindSpore's BiasAdd) with the bias gradient as a threaded column sum. ``CpuLayerNorm``: LayerNorm over the last
-axis, one pass per row forward, one backward (dx, dgamma, dbeta). Float32 only. Callers pick them through
+axis, one pass per row forward, one backward (dx, dgamma, dbeta). ``CpuSoftmax``: softmax over the last axis and
+its gradient in one pass per row. Float32 only. Callers pick them through
 ``models.layers.GELU`` / ``models.layers.LayerNorm``, which fall back to MindSpore's ops on other devices, other
 dtypes, or when the kernels cannot be built.
 """
@@ -79,6 +80,25 @@ class CpuLayerNorm(nn.Cell):
     def bprop(self, x, gamma, beta, out, dout):
         # dout[1], dout[2] (gradients w.r.t. the returned statistics) are zero: callers use only out[0]
         return self.backward_kernel(dout[0], x, gamma, out[1], out[2])
+
+
+class CpuSoftmax(nn.Cell):
+    """Softmax over the last axis of a float32 tensor (``ops.softmax(x, -1)``); bprop: y * (dy - sum(dy * y)) in one
+    pass per row."""
+
+    def __init__(self):
+        super().__init__()
+        library = compiled_library(SOURCE)
+        self.forward_kernel = ops.Custom(f"{library}:SoftmaxForward", out_shape=_same_shape, out_dtype=_same_dtype,
+                                         func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:SoftmaxBackward", out_shape=_same_shape,
+                                          out_dtype=_same_dtype, func_type="aot")
+
+    def construct(self, x):
+        return self.forward_kernel(x)
+
+    def bprop(self, x, out, dout):
+        return (self.backward_kernel(dout, out),)
 
 
 class _PermutedShape:
