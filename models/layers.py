@@ -4,7 +4,8 @@
 - ``Mlp``: the two-layer feed-forward block of ViT-style transformers (fc1 -> GELU -> fc2).
 - ``GELU``, ``LayerNorm``: fused C++ kernels on CPU (``acmix_ms/kernels/transformer_cpu.cc``), MindSpore's
   ops elsewhere; ``MaxPool2d`` (ResNet's stem) and ``BatchNorm2d``: C++ kernels on CPU (``cnn_cpu.cc``),
-  MindSpore's layers elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a MINDIR export).
+  MindSpore's layers elsewhere; ``set_fused_kernels`` switches every such layer of a network (e.g. before a
+  MINDIR export).
 - ``drop_path_rates``: the linearly increasing per-block drop-path schedule.
 - ``init_transformer_weights``: the ViT/Swin/PVT initialisation (truncated normal Dense, LayerNorm 1/0).
 - ``build_model_with_cfg``: the one builder of every family: a model class called with its registered

@@ -48,8 +48,9 @@ def _shape_of_third(dy, index, x):
 class CpuMaxPool2d(nn.Cell):
     """x (B, C, H, W) float32 -> (y, index): y the max over (kh, kw) windows at strides (sh, sw) with -inf padding
     (ph, pw) each side, (B, C, (H + 2 ph - kh) // sh + 1, (W + 2 pw - kw) // sw + 1); index (int32, like y): where
-    each maximum is in its plane (h W + w), computed only while training (else zeros). bprop: dx[index] += dy (the index found again outside training).
-    Arguments are pairs (height, width); 2 p <= k. Callers use output 0."""
+    each maximum is in its plane (h W + w), computed only while training (else a (1,) placeholder). bprop:
+    dx[index] += dy (outside training the index is found again). Arguments are pairs (height, width); 2 p <= k.
+    Callers use output 0."""
 
     def __init__(self, kernel, stride, padding):
         super().__init__()
@@ -67,12 +68,12 @@ class CpuMaxPool2d(nn.Cell):
         for kernel_op in (self.forward_kernel, self.index_kernel, self.backward_kernel):
             kernel_op.add_prim_attr("acmix_config", geometry)
         self.config = Tensor(np.array(self.kernel + self.stride + self.padding, np.int32))
+        self.no_index = Tensor(np.zeros(1, np.int32))
 
     def construct(self, x):
         if self.training:
             return self.index_kernel(x, self.config)
-        y = self.forward_kernel(x, self.config)
-        return y, ops.zeros(y.shape, mstype.int32)
+        return self.forward_kernel(x, self.config), self.no_index
 
     def bprop(self, x, out, dout):
         # a gradient outside training (e.g. a saliency map of an eval-mode network) finds the maxima again
