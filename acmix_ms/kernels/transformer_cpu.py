@@ -23,22 +23,41 @@ def _same_dtype(*dtypes):
     return dtypes[-1]
 
 
-class CpuGelu(nn.Cell):
-    """y = x * Phi(x) (exact GELU, as torch's default) on float32 tensors of any shape; fused bprop."""
+class _ShapeKeepingPair(nn.Cell):
+    """A forward kernel ``<name>Forward`` (x -> y, same shape) and its backward ``<name>Backward``; subclasses say
+    what the backward reads (x or y) in ``bprop``."""
 
-    def __init__(self):
+    def __init__(self, name):
         super().__init__()
         library = compiled_library(SOURCE)
-        self.forward_kernel = ops.Custom(f"{library}:GeluForward", out_shape=_same_shape, out_dtype=_same_dtype,
+        self.forward_kernel = ops.Custom(f"{library}:{name}Forward", out_shape=_same_shape, out_dtype=_same_dtype,
                                          func_type="aot")
-        self.backward_kernel = ops.Custom(f"{library}:GeluBackward", out_shape=_same_shape,
+        self.backward_kernel = ops.Custom(f"{library}:{name}Backward", out_shape=_same_shape,
                                           out_dtype=_same_dtype, func_type="aot")
 
     def construct(self, x):
         return self.forward_kernel(x)
 
+
+class CpuGelu(_ShapeKeepingPair):
+    """y = x * Phi(x) (exact GELU, as torch's default) on float32 tensors of any shape; fused bprop (from x)."""
+
+    def __init__(self):
+        super().__init__("Gelu")
+
     def bprop(self, x, out, dout):
         return (self.backward_kernel(dout, x),)
+
+
+class CpuSoftmax(_ShapeKeepingPair):
+    """Softmax over the last axis of a float32 tensor (``ops.softmax(x, -1)``); bprop: y * (dy - sum(dy * y)) in one
+    pass per row (from y)."""
+
+    def __init__(self):
+        super().__init__("Softmax")
+
+    def bprop(self, x, out, dout):
+        return (self.backward_kernel(dout, out),)
 
 
 def _layer_norm_shapes(x, gamma, beta, config):
@@ -80,25 +99,6 @@ class CpuLayerNorm(nn.Cell):
     def bprop(self, x, gamma, beta, out, dout):
         # dout[1], dout[2] (gradients w.r.t. the returned statistics) are zero: callers use only out[0]
         return self.backward_kernel(dout[0], x, gamma, out[1], out[2])
-
-
-class CpuSoftmax(nn.Cell):
-    """Softmax over the last axis of a float32 tensor (``ops.softmax(x, -1)``); bprop: y * (dy - sum(dy * y)) in one
-    pass per row."""
-
-    def __init__(self):
-        super().__init__()
-        library = compiled_library(SOURCE)
-        self.forward_kernel = ops.Custom(f"{library}:SoftmaxForward", out_shape=_same_shape, out_dtype=_same_dtype,
-                                         func_type="aot")
-        self.backward_kernel = ops.Custom(f"{library}:SoftmaxBackward", out_shape=_same_shape,
-                                          out_dtype=_same_dtype, func_type="aot")
-
-    def construct(self, x):
-        return self.forward_kernel(x)
-
-    def bprop(self, x, out, dout):
-        return (self.backward_kernel(dout, out),)
 
 
 class _PermutedShape:
