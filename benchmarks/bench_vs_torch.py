@@ -71,7 +71,7 @@ def _set_thread_env(threads):
 
 def measure_ours(task):
     import mindspore as ms
-    from benchmarks.harness import ModelSpec, build_spec_model, engine_train_step, set_graph_mode
+    from benchmarks.harness import ModelSpec, build_spec_model, engine_train_step, set_graph_mode, timed
     device = set_graph_mode(task.get("device_target"))
     if device == "CPU":
         ms.set_context(runtime_num_threads=task["threads"])
@@ -87,11 +87,9 @@ def measure_ours(task):
     else:
         model.set_train(True)
         fn, args = engine_train_step(model, "sgd"), (x, y)
-    from engine.runtime import compile_then_release
-    with PeakRSS() as memory:  # the compilation's peak counts too
-        compile_then_release(fn, *args)  # as the engine compiles its graphs: then free the compiler's heap
-        times = time_calls(fn, args, task["warmup"], task["repeats"], task["max_seconds"], min(3, task["repeats"]))
-    return {"stats": summarize(times), "peak_rss_mib": memory.peak_mib, "device_target": device}
+    # timed: compiled first as the engine does (the compilation's peak included), then timed
+    result = timed(fn, args, task["warmup"], task["repeats"], task["max_seconds"])
+    return {"stats": result["stats"], "peak_rss_mib": result["peak_rss_mib"], "device_target": device}
 
 
 def measure_torch(task):
