@@ -347,38 +347,46 @@ class MaxPool2d(nn.Cell):
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters ``gamma``/``beta``/``moving_mean``/``moving_variance``, same results and
-    running-statistics update), optionally followed by a ReLU (``relu=True``: the block's BN-ReLU pair as one layer),
-    that runs the C++ kernel ``CpuBatchNorm`` on the CPU backend for float32 (B, C, H, W) inputs: one pass for the
-    inference, the training pass and its backward each over the data twice, the ReLU inside them (MindSpore 2.8's
-    BatchNorm + BatchNormGrad were a third of a resnet_tiny training step on CPU). Elsewhere, for other dtypes, with
-    ``use_batch_statistics`` set, when the kernel cannot be built (warning), or after
-    ``set_fused_kernels(net, False)``: ``nn.BatchNorm2d`` (then ``ops.relu``). tests/test_cnn_fast.py checks both
-    against NumPy.
+    running-statistics update), optionally with a residual added after it (``residual=True``: called as
+    ``bn(x, shortcut)``) and a ReLU last (``relu=True``): a block's BN-ReLU pair, or a ResNet block's last batch norm,
+    shortcut addition and ReLU, as one layer. On the CPU backend, for float32 (B, C, H, W) inputs, it runs the C++
+    kernel ``CpuBatchNorm`` / ``CpuBatchNormAdd``: one pass for the inference, the training pass and its backward
+    each over the data twice, the addition and the ReLU inside them (MindSpore 2.8's BatchNorm + BatchNormGrad were a
+    third of a resnet_tiny training step on CPU). Elsewhere, for other dtypes, with ``use_batch_statistics`` set,
+    when the kernel cannot be built (warning), or after ``set_fused_kernels(net, False)``: ``nn.BatchNorm2d``, then
+    ``+ residual``, then ``ops.relu``. tests/test_cnn_fast.py checks both against NumPy.
 
-    Inputs: (B, C, H, W). Outputs: same shape.
+    Inputs: x (B, C, H, W) (and residual, same shape, with ``residual=True``). Outputs: (B, C, H, W).
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False, device_target=None, **kwargs):
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False, residual=False, device_target=None,
+                 **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         self.apply_relu = bool(relu)
+        self.add_residual = bool(residual)
         default_mode = self.use_batch_statistics is None and self.format == "NCHW"
         # self.momentum is nn.BatchNorm2d's stored weight of the batch statistics (1 - the momentum argument)
-        self.kernel = (cpu_kernel("cnn_cpu", "CpuBatchNorm", device_target, eps, self.momentum, self.apply_relu)
+        kernel_name = "CpuBatchNormAdd" if self.add_residual else "CpuBatchNorm"
+        self.kernel = (cpu_kernel("cnn_cpu", kernel_name, device_target, eps, self.momentum, self.apply_relu)
                        if default_mode else None)
         self.use_kernel = self.kernel is not None
 
-    def construct(self, x):
+    def construct(self, x, *residual):
+        """``residual`` is one tensor with ``residual=True``, nothing otherwise."""
         if self.use_kernel and x.dtype == ms.float32 and x.ndim == 4:
             if self.training:
-                y, _, _, mean, var = self.kernel(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)
-                y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(mean)))
-                return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(var)))
-            return self.kernel.infer(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)
+                outputs = self.kernel(x, *residual, self.gamma, self.beta, self.moving_mean, self.moving_variance)
+                y = ops.depend(outputs[0], ops.assign(self.moving_mean, ops.stop_gradient(outputs[3])))
+                return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(outputs[4])))
+            return self.kernel.infer(x, *residual, self.gamma, self.beta, self.moving_mean, self.moving_variance)
         y = super().construct(x)
+        if self.add_residual:
+            y = y + residual[0]
         return ops.relu(y) if self.apply_relu else y
 
     def extend_repr(self):
-        return super().extend_repr() + (", relu=True" if self.apply_relu else "")
+        return (super().extend_repr() + (", residual=True" if self.add_residual else "")
+                + (", relu=True" if self.apply_relu else ""))
 
 
 def layer_norm(dim, eps):

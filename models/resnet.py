@@ -73,7 +73,10 @@ class Bottleneck(nn.Cell):
             self.conv2 = ACmixLocal(width, width, stride=stride, **acmix)
         self.bn2 = BatchNorm2d(width, relu=True)
         self.conv3 = conv1x1(width, out_channels)
-        self.bn3 = BatchNorm2d(out_channels)
+        # bn3, the shortcut addition and the ReLU as one layer (one CPU kernel pass), unless stochastic depth must
+        # act on the branch between the batch norm and the addition
+        self.fuse_shortcut = drop_path <= 0
+        self.bn3 = BatchNorm2d(out_channels, relu=self.fuse_shortcut, residual=self.fuse_shortcut)
         self.relu = nn.ReLU()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.downsample = None
@@ -85,6 +88,8 @@ class Bottleneck(nn.Cell):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(x))
         out = self.bn2(self.conv2(out))
+        if self.fuse_shortcut:
+            return self.bn3(self.conv3(out), shortcut)
         out = self.bn3(self.conv3(out))
         return self.relu(self.drop_path(out) + shortcut)
 

@@ -146,20 +146,24 @@ def test_resnet_stem_pools_with_the_kernel_and_switches_off():
 
 
 # ---- BatchNorm -----------------------------------------------------------------------------------------------
-def _bn_reference(x, gamma, beta, dy, eps=1e-5, relu=False):
-    """Training-mode batch norm (then ReLU) in float64: (y, batch mean, unbiased batch var, dx, dgamma, dbeta)."""
+def _bn_reference(x, gamma, beta, dy, eps=1e-5, relu=False, residual=None):
+    """Training-mode batch norm (plus the residual, then ReLU) in float64: (y, batch mean, unbiased batch var, dx,
+    dgamma, dbeta); with a residual also its gradient."""
     x, dy = x.astype(np.float64), dy.astype(np.float64)
     axes, count = (0, 2, 3), x.shape[0] * x.shape[2] * x.shape[3]
     mean, var = x.mean(axes), x.var(axes)
     xhat = (x - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + eps)
     y = xhat * gamma[None, :, None, None] + beta[None, :, None, None]
+    if residual is not None:
+        y = y + residual
     if relu:
         dy = dy * (y > 0)
         y = np.maximum(y, 0.0)
     dbeta, dgamma = dy.sum(axes), (dy * xhat).sum(axes)
     dx = (gamma / np.sqrt(var + eps))[None, :, None, None] * (
         dy - dbeta[None, :, None, None] / count - xhat * dgamma[None, :, None, None] / count)
-    return y, mean, var * count / (count - 1), dx, dgamma, dbeta
+    outputs = (y, mean, var * count / (count - 1), dx, dgamma, dbeta)
+    return outputs if residual is None else outputs + (dy,)
 
 
 class _AllGrads(nn.Cell):
@@ -239,6 +243,72 @@ def test_batch_norm_inference_matches_numpy_and_nn_batch_norm(relu):
     np.testing.assert_allclose(dx.asnumpy(), dy * scale, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dgamma.asnumpy(), (dy * xhat).sum((0, 2, 3)), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dbeta.asnumpy(), dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+class _AllGradsOfTwo(nn.Cell):
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+        self.weights = ms.ParameterTuple(network.trainable_params())
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+
+    def construct(self, x, residual, sens):
+        return self.grad(self.network, self.weights)(x, residual, sens)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_with_residual_matches_numpy(relu, training):
+    """BatchNorm2d(residual=True): y = relu?(BN(x) + r), kernel and MindSpore-ops fallback, values and gradients."""
+    rng = np.random.default_rng(11 + relu + 2 * training)
+    shape = (4, 6, 5, 7)
+    layer = BatchNorm2d(shape[1], relu=relu, residual=True)
+    assert layer.use_kernel and "residual=True" in repr(layer)
+    gamma = rng.standard_normal(shape[1]).astype(np.float32)
+    beta = rng.standard_normal(shape[1]).astype(np.float32)
+    mean = rng.standard_normal(shape[1]).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
+    for name, value in (("gamma", gamma), ("beta", beta), ("moving_mean", mean), ("moving_variance", var)):
+        getattr(layer, name).set_data(Tensor(value))
+    x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    residual = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    if training:
+        y_ref, batch_mean, var_unbiased, dx_ref, dgamma_ref, dbeta_ref, dr_ref = _bn_reference(
+            x, gamma, beta, dy, relu=relu, residual=residual)
+        moving = (0.9 * mean + 0.1 * batch_mean, 0.9 * var + 0.1 * var_unbiased)
+    else:  # fixed statistics: an affine map per channel
+        scale = (gamma / np.sqrt(var.astype(np.float64) + 1e-5))[None, :, None, None]
+        xhat = (x - mean[None, :, None, None]) * scale / gamma[None, :, None, None]
+        y_ref = xhat * gamma[None, :, None, None] + beta[None, :, None, None] + residual
+        dr_ref = dy * (y_ref > 0) if relu else dy.astype(np.float64)
+        y_ref = np.maximum(y_ref, 0.0) if relu else y_ref
+        dx_ref, dgamma_ref, dbeta_ref = dr_ref * scale, (dr_ref * xhat).sum((0, 2, 3)), dr_ref.sum((0, 2, 3))
+        moving = (mean, var)
+    for use_kernel in (True, False):
+        layer.use_kernel = use_kernel
+        layer.set_train(training)
+        for name, value in (("moving_mean", mean), ("moving_variance", var)):
+            getattr(layer, name).set_data(Tensor(value))
+        y = layer(Tensor(x), Tensor(residual)).asnumpy()
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"kernel={use_kernel}")
+        np.testing.assert_allclose(layer.moving_mean.asnumpy(), moving[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_variance.asnumpy(), moving[1], rtol=1e-5, atol=1e-6)
+        (dx, dr), (dgamma, dbeta) = _AllGradsOfTwo(layer)(Tensor(x), Tensor(residual), Tensor(dy))
+        np.testing.assert_allclose(dx.asnumpy(), dx_ref, rtol=1e-4, atol=1e-5, err_msg=f"kernel={use_kernel}")
+        np.testing.assert_allclose(dr.asnumpy(), dr_ref, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(dgamma.asnumpy(), dgamma_ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dbeta.asnumpy(), dbeta_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_block_fuses_the_shortcut_unless_drop_path():
+    plain, dropping = create_model("resnet_tiny", num_classes=10), create_model("resnet_tiny", num_classes=10,
+                                                                               drop_path_rate=0.1)
+    plain_blocks = [cell for _, cell in plain.cells_and_names() if hasattr(cell, "fuse_shortcut")]
+    assert plain_blocks and all(block.fuse_shortcut and block.bn3.add_residual for block in plain_blocks)
+    # drop path acts between bn3 and the sum: the first block (rate 0) fuses, later ones do not
+    fused = [block.fuse_shortcut for _, block in dropping.cells_and_names() if hasattr(block, "fuse_shortcut")]
+    assert fused[0] and not fused[-1]
 
 
 def test_batch_norm_layer_falls_back_and_switches():

@@ -4,7 +4,7 @@
 ``CpuMaxPool2d``: max pooling with implicit -inf padding (``nn.MaxPool2d(..., pad_mode="pad")``), NaN-propagating;
 while training the forward also records where each maximum is, and the backward scatters the gradient there.
 ``CpuBatchNorm``: ``nn.BatchNorm2d``'s training and inference passes, one kernel each, the backward in two passes
-over the data. ``CpuAllFinite``: whether every element of many float32 tensors is finite, one pass. Callers pick
+over the data; ``CpuBatchNormAdd`` the same plus a residual addition (y = BN(x) + r, then the optional ReLU). ``CpuAllFinite``: whether every element of many float32 tensors is finite, one pass. Callers pick
 them through ``models.layers`` (``MaxPool2d``, ``BatchNorm2d``) and ``engine.step``, which fall back to
 MindSpore's ops on other devices, other dtypes, or when the kernels cannot be built.
 """
@@ -81,11 +81,12 @@ class CpuMaxPool2d(nn.Cell):
         return (self.backward_kernel(dout[0], index, x),)
 
 
-def _norm_train_shapes(x, gamma, beta, moving_mean, moving_var, config):
-    return list(x), list(gamma), list(gamma), list(gamma), list(gamma)
+def _norm_train_shapes(x, *inputs):
+    channels = list(inputs[-2])  # the moving variance; the inputs before it are (residual,) gamma, beta, mean
+    return list(x), channels, channels, channels, channels
 
 
-def _norm_train_dtypes(x, gamma, beta, moving_mean, moving_var, config):
+def _norm_train_dtypes(x, *dtypes):
     return x, x, x, x, x
 
 
@@ -97,7 +98,15 @@ def _norm_grad_dtypes(dy, x, gamma, mean, rstd, y, config):
     return x, x, x
 
 
-def _norm_infer_shape(x, gamma, beta, mean, var, config):
+def _norm_add_grad_shapes(dy, x, gamma, mean, rstd, y, config):
+    return list(x), list(x), list(gamma), list(gamma)
+
+
+def _norm_add_grad_dtypes(dy, x, gamma, mean, rstd, y, config):
+    return x, x, x, x
+
+
+def _shape_of_first(x, *inputs):
     return list(x)
 
 
@@ -110,6 +119,7 @@ class CpuBatchNorm(nn.Cell):
     (the batch variance unbiased); the caller assigns the last two. bprop: (dx, dgamma, dbeta, 0, 0); the statistics
     outputs carry no gradient. ``infer(x, gamma, beta, mean, var)``: y with the given statistics, one pass; its
     bprop is written with MindSpore's ops (rarely needed: gradients of an eval-mode network).
+    ``CpuBatchNormAdd`` takes a residual (like x) as a second input: y = BN(x) + residual, then the ReLU.
 
     Args:
         eps: added to the variance. momentum: the weight of the batch statistics (torch's convention; MindSpore's
@@ -117,17 +127,23 @@ class CpuBatchNorm(nn.Cell):
         relu: y = max(normalised x, 0).
     """
 
+    ENTRY = "BatchNorm"  # the kernels' name prefix: BatchNormTrain, BatchNormBackward, BatchNormInfer
+
     def __init__(self, eps, momentum, relu=False):
         super().__init__()
         library = compiled_library(SOURCE)
-        self.train_kernel = ops.Custom(f"{library}:BatchNormTrain", out_shape=_norm_train_shapes,
+        adds = self.ENTRY.endswith("Add")
+        self.train_kernel = ops.Custom(f"{library}:{self.ENTRY}Train", out_shape=_norm_train_shapes,
                                        out_dtype=_norm_train_dtypes, func_type="aot")
-        self.backward_kernel = ops.Custom(f"{library}:BatchNormBackward", out_shape=_norm_grad_shapes,
-                                          out_dtype=_norm_grad_dtypes, func_type="aot")
+        self.backward_kernel = ops.Custom(f"{library}:{self.ENTRY}Backward",
+                                          out_shape=_norm_add_grad_shapes if adds else _norm_grad_shapes,
+                                          out_dtype=_norm_add_grad_dtypes if adds else _norm_grad_dtypes,
+                                          func_type="aot")
         flag = 1.0 if relu else 0.0
         self.config = Tensor(np.array([eps, momentum, flag], np.float32))
         self.backward_config = Tensor(np.array([flag], np.float32))
-        self.infer = _CpuBatchNormInfer(library, Tensor(np.array([eps, flag], np.float32)), eps, relu)
+        infer_class = _CpuBatchNormAddInfer if adds else _CpuBatchNormInfer
+        self.infer = infer_class(library, self.ENTRY, Tensor(np.array([eps, flag], np.float32)), eps, relu)
 
     def construct(self, x, gamma, beta, moving_mean, moving_var):
         return self.train_kernel(x, gamma, beta, moving_mean, moving_var, self.config)
@@ -137,10 +153,36 @@ class CpuBatchNorm(nn.Cell):
         return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var)
 
 
+class CpuBatchNormAdd(CpuBatchNorm):
+    """``CpuBatchNorm`` plus a residual: ``construct(x, residual, gamma, beta, moving_mean, moving_var)``, y =
+    BN(x) + residual (then the ReLU): a ResNet block's last batch norm, shortcut addition and ReLU in one pass.
+    bprop: (dx, dresidual, dgamma, dbeta, 0, 0)."""
+
+    ENTRY = "BatchNormAdd"
+
+    def construct(self, x, residual, gamma, beta, moving_mean, moving_var):
+        return self.train_kernel(x, residual, gamma, beta, moving_mean, moving_var, self.config)
+
+    def bprop(self, x, residual, gamma, beta, moving_mean, moving_var, out, dout):
+        dx, dresidual, dgamma, dbeta = self.backward_kernel(dout[0], x, gamma, out[1], out[2], out[0],
+                                                            self.backward_config)
+        return dx, dresidual, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_var)
+
+
+def _inference_norm_grads(x, gamma, mean, var, out, dout, eps, relu):
+    """(dx, dgamma, dbeta, dsum) of y = relu?(BN(x) [+ r]) with fixed statistics; dsum = the gradient at the sum."""
+    if relu:
+        dout = dout * ops.cast(out > 0, dout.dtype)
+    rstd = ops.rsqrt(var + eps)
+    scale = (gamma * rstd).reshape(1, -1, 1, 1)
+    xhat = (x - mean.reshape(1, -1, 1, 1)) * rstd.reshape(1, -1, 1, 1)
+    return dout * scale, (dout * xhat).sum((0, 2, 3)), dout.sum((0, 2, 3)), dout
+
+
 class _CpuBatchNormInfer(nn.Cell):
-    def __init__(self, library, config, eps, relu):
+    def __init__(self, library, entry, config, eps, relu):
         super().__init__()
-        self.kernel = ops.Custom(f"{library}:BatchNormInfer", out_shape=_norm_infer_shape, out_dtype=_first_dtype,
+        self.kernel = ops.Custom(f"{library}:{entry}Infer", out_shape=_shape_of_first, out_dtype=_first_dtype,
                                  func_type="aot")
         self.config = config
         self.eps = float(eps)
@@ -150,13 +192,17 @@ class _CpuBatchNormInfer(nn.Cell):
         return self.kernel(x, gamma, beta, mean, var, self.config)
 
     def bprop(self, x, gamma, beta, mean, var, out, dout):
-        if self.relu:
-            dout = dout * ops.cast(out > 0, dout.dtype)
-        rstd = ops.rsqrt(var + self.eps)
-        scale = (gamma * rstd).reshape(1, -1, 1, 1)
-        xhat = (x - mean.reshape(1, -1, 1, 1)) * rstd.reshape(1, -1, 1, 1)
-        return (dout * scale, (dout * xhat).sum((0, 2, 3)), dout.sum((0, 2, 3)), ops.zeros_like(mean),
-                ops.zeros_like(var))
+        dx, dgamma, dbeta, _ = _inference_norm_grads(x, gamma, mean, var, out, dout, self.eps, self.relu)
+        return dx, dgamma, dbeta, ops.zeros_like(mean), ops.zeros_like(var)
+
+
+class _CpuBatchNormAddInfer(_CpuBatchNormInfer):
+    def construct(self, x, residual, gamma, beta, mean, var):
+        return self.kernel(x, residual, gamma, beta, mean, var, self.config)
+
+    def bprop(self, x, residual, gamma, beta, mean, var, out, dout):
+        dx, dgamma, dbeta, dsum = _inference_norm_grads(x, gamma, mean, var, out, dout, self.eps, self.relu)
+        return dx, dsum, dgamma, dbeta, ops.zeros_like(mean), ops.zeros_like(var)
 
 
 def _flag_shape(*shapes):
