@@ -1,9 +1,9 @@
-"""``Dense``: ``nn.Dense`` whose bias gradient runs a CPU kernel, for the transformer layers (Swin, PVT, ACmix's
-window and global modes).
+"""``Dense``: ``nn.Dense`` whose bias addition and bias gradient run CPU kernels, for the transformer layers (Swin,
+PVT, ACmix's window and global modes).
 
 Why: MindSpore 2.8's CPU BiasAddGrad (the bias gradient of every Dense) summed to ~10 % of a Swin-T training step
-(batch 8, 224 px: ~240 ms of 2.3 s, MindSpore profiler); a threaded, vectorised column sum
-(``acmix_ms.kernels.transformer_cpu.CpuBiasAdd``) does the same sum (docs/benchmarks.md).
+(batch 8, 224 px: ~240 ms of 2.3 s, MindSpore profiler) and its BiasAdd to ~7 % of an inference; threaded,
+vectorised passes (``acmix_ms.kernels.transformer_cpu.CpuBiasAdd``) do the same sums (docs/benchmarks.md).
 """
 from typing import Optional
 
@@ -16,7 +16,7 @@ from .layout import cpu_transformer_kernel
 class Dense(nn.Dense):
     """``nn.Dense(in_channels, out_channels, has_bias)``: the same parameters (``weight`` (out, in), ``bias``),
     names and results; on the CPU backend, for float32 inputs and with a bias, the bias is added by
-    ``CpuBiasAdd`` (MindSpore's BiasAdd forward, the kernel's column sum as its gradient). Elsewhere, for other
+    ``CpuBiasAdd`` (forward and bias gradient by the kernels; MindSpore's MatMul and its gradients as before). Elsewhere, for other
     dtypes, when the kernel cannot be built (warning), or after ``models.layers.set_fused_kernels(net, False)``
     (every export path): ``nn.Dense``.
 

@@ -179,7 +179,7 @@ def test_gelu_kernel_matches_numpy_and_mindspore_gelu():
 
 @pytest.mark.parametrize("shape,out_features", [((2, 9, 24), 40), ((5, 16), 7)])
 def test_dense_bias_kernel_matches_numpy_and_nn_dense(shape, out_features):
-    """``acmix_ms.linear.Dense`` (bias gradient by the CPU column-sum kernel): output and the gradients of the
+    """``acmix_ms.linear.Dense`` (bias addition and its gradient by the CPU kernels): output and the gradients of the
     input, weight and bias against float64 NumPy and ``nn.Dense``; switched off it is ``nn.Dense``."""
     from mindspore import nn
     from acmix_ms.linear import Dense

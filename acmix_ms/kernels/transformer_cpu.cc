@@ -25,6 +25,9 @@
 // BiasAddGrad took ~10 % of a Swin-T training step (240 ms of 2.3 s at batch 8, 224 px), several times the
 // time to read its input; here rows are summed in chunks (vectorised over C, threaded), the chunks in order.
 // BiasGrad  inputs dy (R.., C)     output db (C)
+// The forward, x + bias on every row: MindSpore 2.8's CPU BiasAdd took ~60 ms of a Swin-T batch-8 inference (50
+// calls); this threaded, vectorised pass ~20 ms.
+// BiasAddRows  inputs x (R.., C), bias (C)     output y (like x)
 //
 // Softmax over the last axis (rows of length L), as ops.softmax(x, -1). Why: MindSpore 2.8 runs its gradient on CPU
 // as Mul, ReduceSum, Sub, Mul: ~110 ms of a Swin-T training step (batch 8, 224 px), ReduceSum alone 69 ms.
@@ -38,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
 
 // Threads: the kernels' shared pool (parallel.h, idle workers sleep) where this package has it, else OpenMP
 // (when compiled with -fopenmp), else one thread. for_rows(n, fn) calls fn(begin, end, chunk) on contiguous
@@ -432,6 +436,35 @@ int BiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char
   for (int64_t chunk = 0; chunk < count; ++chunk) {
     for (int64_t c = 0; c < cols; ++c) db[c] += partial[chunk * cols + c];
   }
+  return 0;
+}
+
+int BiasAddRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3) return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_float32(dtypes[2]) || ndims[0] < 1 || ndims[1] != 1 ||
+      ndims[2] != ndims[0]) {
+    return 2;
+  }
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (shapes[1][0] != cols) return 2;
+  for (int axis = 0; axis < ndims[0]; ++axis) {
+    if (shapes[2][axis] != shapes[0][axis]) return 2;
+  }
+  const int64_t rows = cols > 0 ? element_count(ndims[0], shapes[0]) / cols : 0;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *bias = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  for_rows(rows, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *__restrict xr = x + r * cols;
+      const float *__restrict b = bias;
+      float *__restrict yr = y + r * cols;
+      for (int64_t c = 0; c < cols; ++c) yr[c] = xr[c] + b[c];
+    }
+  });
   return 0;
 }
 
