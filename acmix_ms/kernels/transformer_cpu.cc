@@ -32,7 +32,8 @@
 // Softmax over the last axis (rows of length L), as ops.softmax(x, -1). Why: MindSpore 2.8 runs its gradient on CPU
 // as Mul, ReduceSum, Sub, Mul: ~110 ms of a Swin-T training step (batch 8, 224 px), ReduceSum alone 69 ms.
 // SoftmaxForward   inputs x (R.., L)       output y = exp(x - max) / sum exp(x - max) per row
-// SoftmaxBackward  inputs dy, y            output dx = y * (dy - sum_L dy * y)//
+// SoftmaxBackward  inputs dy, y            output dx = y * (dy - sum_L dy * y)
+//
 // AOT signature (MindSpore 2.8+): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                        const char **dtypes, void *stream, void *extra)
 // params = inputs then outputs. Return 0 on success; anything else makes MindSpore raise.
