@@ -115,6 +115,30 @@ inline float erf_approx(float x) {
   return x * p / q;
 }
 
+// sum of x[i] (centred: of (x[i] - mean)^2) in 8 interleaved lanes, so the loop vectorises (a serial float sum
+// does not), then the tail
+inline float lane_sum(const float *__restrict x, float mean, int64_t n, bool centred_squares) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float total = 0.0f;
+  int64_t i = 0;
+  if (centred_squares) {
+    for (; i + 8 <= n; i += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const float d = x[i + l] - mean;
+        lanes[l] += d * d;
+      }
+    }
+    for (; i < n; ++i) total += (x[i] - mean) * (x[i] - mean);
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      for (int l = 0; l < 8; ++l) lanes[l] += x[i + l];
+    }
+    for (; i < n; ++i) total += x[i];
+  }
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  return total;
+}
+
 // exp(x) for float32 x <= 0 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, times 2^n
 // built in the exponent bits); 0 below -87. Branch-free, vectorises; within 2 float32 ulps of std::exp.
 inline float exp_nonpositive(float x) {
@@ -204,14 +228,8 @@ int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, co
   for (int64_t r = begin; r < end; ++r) {
     const float *xr = x + r * cols;
     float *yr = y + r * cols;
-    float sum = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) sum += xr[c];
-    const float mean = sum * inv_cols;
-    float sq = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) {
-      const float d = xr[c] - mean;
-      sq += d * d;
-    }
+    const float mean = lane_sum(xr, 0.0f, cols, false) * inv_cols;
+    const float sq = lane_sum(xr, mean, cols, true);
     const float rstd = 1.0f / std::sqrt(sq * inv_cols + eps);
     for (int64_t c = 0; c < cols; ++c) yr[c] = (xr[c] - mean) * rstd * gamma[c] + beta[c];
     mean_out[r] = mean;
