@@ -169,6 +169,10 @@ def test_gelu_kernel_matches_numpy_and_mindspore_gelu():
         np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6 * np.maximum(1.0, np.abs(x64)).max())
         grad = ms.grad(_probe_loss(layer, probe))(ms.Tensor(x)).asnumpy()
         np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # non-finite inputs as MindSpore's GELU (the vectorised clamp inside erf must keep NaN; GELU(-inf) is NaN)
+    special = np.array([[np.nan, np.inf, -np.inf, 0.0, 100.0, -100.0, 4.5, -4.5, 1.0]], np.float32)
+    np.testing.assert_allclose(cell(ms.Tensor(special)).asnumpy(), reference(ms.Tensor(special)).asnumpy(),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
     # switched off (e.g. for a portable MINDIR) it runs MindSpore's GELU
     from models.layers import set_fused_kernels
     net = nn.SequentialCell([GELU()])
